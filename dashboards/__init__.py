@@ -1,0 +1,1 @@
+"""Pareto-front views (PNG, self-contained HTML, CSV) logged to MLflow."""

@@ -1,0 +1,1 @@
+"""YAML search spaces for the sweep, and their validation."""

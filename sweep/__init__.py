@@ -1,0 +1,1 @@
+"""The sweep driver: CLI, Ray Tune + Optuna tuner construction, MLflow logging, Pareto front, resume and release."""

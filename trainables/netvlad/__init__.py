@@ -1,0 +1,1 @@
+"""NetVLAD models: backbones, the NetVLAD pooling layer, PCA whitening and model assembly."""
