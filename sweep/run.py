@@ -349,6 +349,8 @@ def _run(args: argparse.Namespace) -> int:
         client.log_metric(parent_run_id, "trial_phase_seconds", time.monotonic() - t_trials)
 
     # 4. MLflow agrees with Ray; the front.
+    from dashboards.views import poster_reference
+
     rows = tracking.sync_sweep(
         tracking_uri,
         experiment_id,
@@ -356,6 +358,7 @@ def _run(args: argparse.Namespace) -> int:
         sweep.experiment_dir,
         fixed_config,
         base=base_point if base_point["mAP"] is not None else None,
+        reference=poster_reference(base_config.backbone, base_config.test_splits[0]),
     )
     print_front(rows, base_meta, tracking_uri, parent_run_id)
     unfinished = [r for r in rows if r["status"] not in ("ok", "failed")]

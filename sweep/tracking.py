@@ -452,6 +452,19 @@ def _log_front_member_artifacts(client, run_id: str, row: Mapping[str, Any]) -> 
                 "trial %s: no artifact in its final checkpoint %s", row["trial_id"], row["checkpoint"]
             )
             return
+        layers_json = Path(tmp) / "layers.json"
+        if layers_json.exists():
+            from dashboards.views import write_layer_html
+
+            report = json.loads(layers_json.read_text())
+            names.append(
+                write_layer_html(
+                    report["layers"],
+                    Path(tmp) / "layers.html",
+                    title=f"trial {row['trial_id']} — per layer",
+                    totals=report["totals"],
+                )
+            )
         for path in names:
             client.log_artifact(run_id, str(path), artifact_path="model")
 
