@@ -1,0 +1,85 @@
+"""Bad input to ``sweep/run.py`` gets a clear error before any trial starts (and before Ray starts)."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+from conftest import run_sweep_cli
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_help_explains_every_flag(tmp_path):
+    proc = run_sweep_cli(["--help"], cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0
+    for flag in (
+        "--search-space",
+        "--num-samples",
+        "--max-concurrent",
+        "--gpus-per-trial",
+        "--cpus-per-trial",
+        "--storage",
+        "--name",
+        "--resume",
+        "--mlflow-uri",
+        "--experiment",
+        "--dataset",
+        "--data-root",
+        "--backbone",
+        "--seed",
+    ):
+        assert flag in proc.stdout
+
+
+def test_search_space_error_names_file_key_and_value(tmp_path):
+    space = tmp_path / "bad.yaml"
+    space.write_text("params:\n  bits: {int: [0, 40]}\n  thresold: {float: [0.1, 1.0]}\n")
+    proc = run_sweep_cli(["--search-space", str(space), "--storage", str(tmp_path / "r")], cwd=tmp_path)
+    assert proc.returncode == 2
+    assert str(space) in proc.stderr and "bits" in proc.stderr and "thresold" in proc.stderr
+    assert not (tmp_path / "r").exists(), "nothing is written before the input is valid"
+
+
+def test_unreachable_mlflow_server_refuses_within_seconds(tmp_path):
+    uri = f"http://127.0.0.1:{_closed_port()}"
+    start = time.monotonic()
+    proc = run_sweep_cli(["--mlflow-uri", uri, "--storage", str(tmp_path / "r")], cwd=tmp_path)
+    assert proc.returncode == 2
+    assert uri in proc.stderr and "does not answer" in proc.stderr
+    assert (
+        time.monotonic() - start < 60
+    )  # a generous bound: interpreter start-up dominates on a loaded machine
+    assert not list((tmp_path / "r").glob("*/experiment_state*"))
+
+
+def test_unwritable_storage_is_refused(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    proc = run_sweep_cli(["--storage", str(blocker / "results")], cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "--storage" in proc.stderr and str(blocker) in proc.stderr
+
+
+def test_missing_dataset_names_the_missing_files(tmp_path):
+    (tmp_path / "data" / "oxford5k").mkdir(parents=True)
+    proc = run_sweep_cli(
+        ["--dataset", "paris6k", "--data-root", str(tmp_path / "data"), "--storage", str(tmp_path / "r")],
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 2
+    assert "paris6k" in proc.stderr and "download" in proc.stderr
+
+
+def test_resume_without_a_sweep_and_a_second_run_without_resume(tmp_path):
+    proc = run_sweep_cli(["--resume", "--name", "nothing", "--storage", str(tmp_path / "r")], cwd=tmp_path)
+    assert proc.returncode == 2 and "no sweep named 'nothing'" in proc.stderr
+    existing = tmp_path / "r" / "taken"
+    existing.mkdir(parents=True)
+    (existing / "experiment_state-2026.json").write_text("{}")
+    proc = run_sweep_cli(["--name", "taken", "--storage", str(tmp_path / "r")], cwd=tmp_path)
+    assert proc.returncode == 2 and "--resume" in proc.stderr
