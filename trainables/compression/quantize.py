@@ -1,0 +1,284 @@
+"""Per-layer weight quantization on any ``nn.Module``: ``uniform`` (b-bit linear, straight-through) and trained ``kmeans``.
+
+Both modes are ``torch.nn.utils.parametrize`` parametrizations of the module's ``weight``, so the module's own
+``forward`` runs unchanged. The effective weight is always ``codebook[indices] * mask.to(float32)`` in float32;
+``quantized_view`` exposes exactly those tensors for the codec, which decodes them into a dense model that computes
+the same outputs.
+
+- ``kmeans`` (Deep Compression): 2^b shared values per layer, linear init over [min, max] of the kept weights, exact
+  Lloyd over all of them (``kmeans1d``), then *trained*: the parametrization's trainable tensor is the codebook
+  itself (``module.parametrizations.weight.original``, shape (2^b,)), the indices are fixed buffers, so autograd sums
+  each cluster's gradients into its centroid and pruned weights stay exactly 0.
+- ``uniform``: 2^b levels evenly spaced over [min, max] of the kept weights, fixed at quantization time. The latent
+  full-precision weight is the trainable tensor; the forward uses its nearest level, the backward passes the
+  gradient straight through (masked, so pruned latent weights get none).
+
+A frozen weight (``requires_grad=False``) stays frozen: parametrize keeps the weight's ``Parameter`` object as the
+trainable tensor (kmeans: its data becomes the codebook), so its ``requires_grad`` carries over.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.utils.parametrize as parametrize
+from torch import nn
+from torch.nn.utils import prune as torch_prune
+
+from trainables.compression.kmeans1d import kmeans_1d
+
+QUANT_MODES = ("uniform", "kmeans")
+
+
+@dataclass
+class QuantView:
+    """What a quantized weight is made of: ``effective weight == codebook[indices] * mask.to(float32)``.
+
+    ``codebook``: float32, ``2**bits`` values. ``indices``: int64, the weight's shape (value at pruned positions is
+    irrelevant; it is 0 here). ``mask``: bool, the weight's shape, True where the weight is kept. ``mode``:
+    ``"uniform"`` or ``"kmeans"``.
+    """
+
+    codebook: torch.Tensor
+    indices: torch.Tensor
+    mask: torch.Tensor
+    bits: int
+    mode: str
+
+
+class KMeansWeight(nn.Module):
+    """Parametrization ``codebook -> codebook[indices] * mask``; its trainable input is the (2^bits,) codebook."""
+
+    mode = "kmeans"
+
+    def __init__(self, indices: torch.Tensor, mask: torch.Tensor, bits: int, codebook: torch.Tensor) -> None:
+        super().__init__()
+        self.bits = bits
+        # int32: indexing accepts it and it halves the memory of int64 (the VGG16 whitening has 134M indices).
+        self.register_buffer("indices", indices.to(torch.int32))
+        self.register_buffer("mask", mask.to(torch.bool))
+        # The Lloyd result: what an empty cluster keeps in ``right_inverse``. Not saved: it is only used there.
+        self.register_buffer("fallback", codebook.to(torch.float32), persistent=False)
+        # Handed out by the first right_inverse call (the registration): the Lloyd codebook as it is, without a
+        # pass over every weight to recompute it.
+        self._pending: torch.Tensor | None = self.fallback
+
+    def forward(self, codebook: torch.Tensor) -> torch.Tensor:
+        return codebook[self.indices] * self.mask.to(torch.float32)
+
+    def right_inverse(self, weight: torch.Tensor) -> torch.Tensor:
+        """The least-squares codebook for ``weight`` with the indices fixed: each cluster's mean over kept entries
+        (an empty cluster keeps its Lloyd centroid). At registration: the Lloyd codebook itself."""
+        if self._pending is not None:
+            codebook, self._pending = self._pending.clone(), None
+            return codebook
+        k = self.fallback.numel()
+        sums = torch.zeros(k, dtype=torch.float64, device=weight.device)
+        counts = torch.zeros(k, dtype=torch.int64, device=weight.device)
+        # float64 sums (a cluster can hold millions of weights), in chunks so no n-sized float64 copy is made.
+        for w, idx, keep in _chunks(weight.detach(), self.indices, self.mask):
+            idx = idx[keep].long()
+            sums.index_add_(0, idx, w[keep].double())
+            counts += torch.bincount(idx, minlength=k)
+        means = (sums / counts.clamp(min=1)).to(torch.float32)
+        return torch.where(counts > 0, means, self.fallback.to(weight.device))
+
+
+_CHUNK = 1 << 22
+
+
+def _chunks(*tensors: torch.Tensor):
+    """Matching flat chunks of same-shaped tensors."""
+    flat = [t.reshape(-1) for t in tensors]
+    for start in range(0, flat[0].numel(), _CHUNK):
+        yield tuple(f[start : start + _CHUNK] for f in flat)
+
+
+def _gather(w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``w[mask]`` (numpy's boolean gather is the faster one on CPU)."""
+    if w.device.type == "cpu":
+        return torch.from_numpy(w.numpy()[mask.numpy()])
+    return w[mask]
+
+
+def _scatter(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """An int32 tensor shaped like ``mask``: ``values`` in order where ``mask`` is True, 0 elsewhere."""
+    if mask.device.type == "cpu":
+        out = np.zeros(mask.shape, dtype=np.int32)
+        out[mask.numpy()] = values.numpy()
+        return torch.from_numpy(out)
+    out = torch.zeros(mask.shape, dtype=torch.int32, device=mask.device)
+    return out.masked_scatter_(mask, values.to(mask.device, torch.int32))
+
+
+def _masked_mse(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> float:
+    """Mean of (a - b)² over ``mask`` in float64, chunked; 0 when the mask is empty."""
+    sq, n = 0.0, 0
+    for x, y, keep in _chunks(a, b, mask):
+        d = (x[keep] - y[keep]).double()
+        sq += float(torch.dot(d, d))
+        n += int(keep.sum())
+    return sq / n if n else 0.0
+
+
+def _uniform_indices(weight: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """Nearest level of the evenly spaced ``codebook`` for every entry of ``weight`` (int64)."""
+    lo = codebook[0]
+    step = (codebook[-1] - lo) / (codebook.numel() - 1) if codebook.numel() > 1 else torch.ones_like(lo)
+    if step == 0:
+        return torch.zeros(weight.shape, dtype=torch.int64, device=weight.device)
+    return torch.round((weight - lo) / step).clamp_(0, codebook.numel() - 1).to(torch.int64)
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Forward: ``codebook[nearest level] * mask`` exactly; backward: the gradient, masked, to the latent weight."""
+
+    @staticmethod
+    def forward(ctx: Any, weight: torch.Tensor, codebook: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(mask)
+        return codebook[_uniform_indices(weight, codebook)] * mask.to(torch.float32)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (mask,) = ctx.saved_tensors
+        return grad * mask.to(grad.dtype), None, None
+
+
+class UniformWeight(nn.Module):
+    """Parametrization ``latent -> nearest of 2^bits fixed levels, masked`` with straight-through gradients."""
+
+    mode = "uniform"
+
+    def __init__(self, codebook: torch.Tensor, mask: torch.Tensor, bits: int) -> None:
+        super().__init__()
+        self.bits = bits
+        self.register_buffer("codebook", codebook.to(torch.float32))
+        self.register_buffer("mask", mask.to(torch.bool))
+
+    def forward(self, latent: torch.Tensor) -> torch.Tensor:
+        return _StraightThrough.apply(latent, self.codebook, self.mask)
+
+
+def _our_parametrization(module: nn.Module) -> KMeansWeight | UniformWeight | None:
+    if not parametrize.is_parametrized(module, "weight"):
+        return None
+    plist = module.parametrizations["weight"]
+    if len(plist) == 1 and isinstance(plist[0], KMeansWeight | UniformWeight):
+        return plist[0]
+    return None
+
+
+def is_quantized(module: nn.Module) -> bool:
+    """Whether ``module.weight`` is quantized by this module (``quantized_view`` would not be None)."""
+    return _our_parametrization(module) is not None
+
+
+def is_pruned(module: nn.Module) -> bool:
+    """Whether ``module.weight`` carries a ``torch.nn.utils.prune`` mask."""
+    return any(
+        isinstance(h, torch_prune.BasePruningMethod) and h._tensor_name == "weight"
+        for h in module._forward_pre_hooks.values()
+    )
+
+
+def quantized_view(module: nn.Module) -> QuantView | None:
+    """The codebook, indices and mask of ``module.weight``, or None when its weight is not quantized."""
+    p = _our_parametrization(module)
+    if p is None:
+        return None
+    with torch.no_grad():
+        if isinstance(p, KMeansWeight):
+            codebook = module.parametrizations["weight"].original.detach().clone()
+            indices = p.indices.long()
+        else:
+            codebook = p.codebook.clone()
+            latent = module.parametrizations["weight"].original.detach()
+            indices = _uniform_indices(latent, codebook)
+        indices = indices.masked_fill(~p.mask, 0)
+    return QuantView(codebook=codebook, indices=indices, mask=p.mask.clone(), bits=p.bits, mode=p.mode)
+
+
+def prune_mask(module: nn.Module) -> torch.Tensor | None:
+    """The bool keep-mask of a pruned but not quantized ``module.weight`` (True = kept), or None."""
+    if not is_pruned(module):
+        return None
+    return module.weight_mask.detach().bool()
+
+
+def effective_weight(module: nn.Module) -> torch.Tensor:
+    """The weight ``module`` uses in its forward (pruned and/or quantized), computed fresh (with autograd)."""
+    if is_pruned(module):
+        # The same op as the prune hook (mask * orig); module.weight itself is only refreshed at forward time.
+        return module.weight_mask.to(module.weight_orig.dtype) * module.weight_orig
+    return module.weight
+
+
+def quantize_module(module: nn.Module, mode: str, bits: int, *, kmeans_iters: int = 30) -> dict[str, Any]:
+    """Quantize ``module.weight`` in place (see the module docstring) and return ``{"mode", "bits", "kept", "mse",
+    "kmeans_iterations"}``; ``mse`` is over the kept weights, against the weights before quantization.
+
+    A prune mask, if any, is kept (pruned entries stay 0); without one, the exact zeros of the weight are the pruned
+    entries. The weight must be float32 and not already quantized (``strip_compression`` first)."""
+    if mode not in QUANT_MODES:
+        raise ValueError(f"quantization mode {mode!r} is not one of {QUANT_MODES}")
+    if not (isinstance(bits, int) and 1 <= bits <= 16):
+        raise ValueError(f"bits = {bits!r}: must be an integer in 1..16")
+    if parametrize.is_parametrized(module, "weight"):
+        raise ValueError(
+            f"{type(module).__name__}.weight is already parametrized; call strip_compression first"
+        )
+    mask = prune_mask(module)
+    if mask is not None:
+        torch_prune.remove(module, "weight")  # weight := orig * mask, as a plain Parameter (same object)
+    weight = module.weight
+    if weight.dtype != torch.float32:
+        raise ValueError(
+            f"quantization needs a float32 weight, {type(module).__name__}.weight is {weight.dtype}"
+        )
+    w = weight.detach()
+    if mask is None:
+        mask = w != 0
+    dense = bool(mask.all())
+    kept = w.reshape(-1) if dense else _gather(w, mask)
+    k = 2**bits
+    iterations = 0
+    if mode == "kmeans":
+        res = kmeans_1d(kept.cpu().numpy(), k, iters=kmeans_iters)
+        iterations = res.iterations
+        found = torch.from_numpy(res.indices)
+        indices = found.view(w.shape).to(w.device) if dense else _scatter(found, mask)
+        centroids = torch.from_numpy(res.centroids).to(torch.float32).to(w.device)
+        param: nn.Module = KMeansWeight(indices, mask, bits, centroids)
+        # The codebook is Lloyd's, the indices its nearest-centroid assignment: its error is Lloyd's (computed on
+        # the sorted values in float64; the float32 rounding of the centroids is far below it).
+        mse = res.mse
+    else:
+        lo, hi = (float(kept.min()), float(kept.max())) if kept.numel() else (0.0, 0.0)
+        codebook = torch.linspace(lo, hi, k, dtype=torch.float32, device=w.device)
+        param = UniformWeight(codebook, mask, bits)
+        mse = None
+    parametrize.register_parametrization(module, "weight", param, unsafe=True)
+    if mse is None:
+        with torch.no_grad():
+            mse = _masked_mse(module.weight, w, mask)
+    return {
+        "mode": mode,
+        "bits": bits,
+        "kept": int(kept.numel()),
+        "mse": mse,
+        "kmeans_iterations": iterations,
+    }
+
+
+def strip_compression(model: nn.Module) -> nn.Module:
+    """Remove every prune hook and quantization parametrization in place, leaving plain dense ``weight`` parameters
+    equal to the effective weights. Returns ``model``."""
+    for module in model.modules():
+        if _our_parametrization(module) is not None:
+            parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+        if is_pruned(module):
+            torch_prune.remove(module, "weight")
+    return model
