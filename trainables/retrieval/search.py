@@ -1,15 +1,31 @@
-"""Nearest-neighbour ranking of a database for a set of queries (faiss, exact inner product on unit vectors).
+"""Nearest-neighbour ranking of a database for a set of queries (faiss, exact inner product on unit vectors),
+and the command line that serves a released model.
 
-The output is laid out the way :mod:`trainables.retrieval.metrics` reads it: ``ranks[:, q]`` lists database
-indices for query ``q``, best first.
+The output of `rank_database` is laid out the way :mod:`trainables.retrieval.metrics` reads it: ``ranks[:, q]``
+lists database indices for query ``q``, best first.
+
+``python -m trainables.retrieval.search --model MODEL --database DIR --query IMAGE [--top-k K]`` loads a
+compressed artifact (a file, or a registry URI ``models:/NAME@ALIAS``), indexes the images under ``DIR`` (cached,
+see :mod:`trainables.retrieval.index`) and prints the ``K`` most similar with their cosine scores.
+``--evaluate DATASET`` instead reports the model's mAP on a benchmark with exactly the protocol the sweep's trials
+use (`trainables.retrieval.evaluate.evaluate_dataset` at the artifact's image size), so it equals the trial's mAP.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import logging
+import os
+import re
+import sys
+import tempfile
+from pathlib import Path
+
 import faiss
 import numpy as np
 
-__all__ = ["gpu_available", "rank_database"]
+__all__ = ["gpu_available", "main", "rank_database", "resolve_model"]
 
 # faiss GPU k-selection handles at most this many neighbours per query (GPU_MAX_SELECTION_K in faiss/gpu).
 _GPU_MAX_K = 2048
@@ -79,3 +95,230 @@ def rank_database(
     index.add(db32)
     _, idx = index.search(q32, k)
     return np.ascontiguousarray(idx.T, dtype=np.int64)
+
+
+# ------------------------------------------------------------------------------------------------ command line
+
+log = logging.getLogger("vladsweep.search")
+
+#: The artifact's name in a sweep's ``model/`` folder (what `sweep.release` registers).
+ARTIFACT_NAME = "model.vlad.safetensors"
+
+
+class ModelSpecError(ValueError):
+    """``--model`` names nothing loadable; the message says what was looked up and where."""
+
+
+def _artifact_in(folder: Path, spec: str) -> Path:
+    """The compressed file inside a downloaded or given folder: ``model.vlad.safetensors``, else the only one."""
+    preferred = folder / ARTIFACT_NAME
+    if preferred.is_file():
+        return preferred
+    found = sorted(folder.rglob("*.safetensors"))
+    if len(found) == 1:
+        return found[0]
+    listing = ", ".join(p.relative_to(folder).as_posix() for p in found) or "none"
+    raise ModelSpecError(
+        f"--model {spec}: expected one compressed .safetensors file in {folder}, found {listing}"
+    )
+
+
+def resolve_model(spec: str, tracking_uri: str | None, workdir: str | os.PathLike) -> tuple[Path, str]:
+    """``(local artifact file, how it was found)`` for ``--model``: a file, a folder holding one, or an MLflow
+    URI (``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, ``runs:/RUN/model``) downloaded into ``workdir``."""
+    if not re.match(r"^[a-z][a-z0-9+.-]*:/", spec):
+        path = Path(spec)
+        if path.is_dir():
+            return _artifact_in(path, spec), str(path)
+        if not path.is_file():
+            raise ModelSpecError(
+                f"--model {spec}: no such file (give a compressed .safetensors file or models:/NAME@ALIAS)"
+            )
+        return path, str(path)
+
+    # The issue asks this CLI to accept registry URIs (models:/NAME@ALIAS), so MLflow is imported here, lazily and
+    # only for such a URI: the library functions under trainables/ stay MLflow-free, and serving a plain file needs
+    # no MLflow at all.
+    try:
+        import mlflow
+        from mlflow.exceptions import MlflowException
+    except ImportError as exc:  # pragma: no cover - mlflow is a dependency; a trimmed install may lack it
+        raise ModelSpecError(
+            f"--model {spec}: resolving an MLflow URI needs the mlflow package ({exc})"
+        ) from exc
+
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///") :])
+        if not db.is_file():  # MLflow would silently create an empty store and then report "model not found"
+            raise ModelSpecError(
+                f"--model {spec}: no MLflow store at {db.resolve()} (from --mlflow-uri {uri}); pass the sweep's "
+                "--mlflow-uri"
+            )
+    # download_artifacts resolves models:/ through the global registry URI, so set both for this process; its
+    # progress bar is noise for one small file.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    label = spec
+    try:
+        alias = re.fullmatch(r"models:/([^/@]+)@([^/]+)", spec)
+        if alias:
+            mv = mlflow.MlflowClient(uri, uri).get_model_version_by_alias(alias[1], alias[2])
+            label = f"{spec} (version {mv.version}, run {mv.run_id})"
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=spec, dst_path=str(workdir)))
+    except MlflowException as exc:
+        raise ModelSpecError(f"--model {spec}: {exc.message} (MLflow at {uri})") from exc
+    return (_artifact_in(local, spec) if local.is_dir() else local), label
+
+
+def _image_size(model, override: int | None, path: Path) -> int:
+    if override is not None:
+        return override
+    meta = getattr(model, "compression_meta", {}).get("meta", {})
+    size = meta.get("base", {}).get("image_size") if isinstance(meta.get("base"), dict) else None
+    if not isinstance(size, int) or size < 1:
+        raise ModelSpecError(
+            f"{path}: the artifact's meta has no base.image_size (the sweep records it); pass --image-size"
+        )
+    return size
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m trainables.retrieval.search",
+        description="Serve a compressed NetVLAD model: rank a folder of images for a query image, or measure the "
+        "model's mAP on a benchmark (the protocol of the sweep's trials).",
+    )
+    p.add_argument(
+        "--model",
+        required=True,
+        help="compressed artifact: a .safetensors file, a folder with one, or models:/NAME@ALIAS (MLflow registry)",
+    )
+    p.add_argument(
+        "--mlflow-uri",
+        default=None,
+        help="tracking/registry URI for models:/ (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)",
+    )
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument(
+        "--database",
+        type=Path,
+        help="folder of images (searched recursively) or a dataset root, to search in",
+    )
+    mode.add_argument(
+        "--evaluate", metavar="DATASET", help="report mAP on this dataset, e.g. synthetic-test, oxford5k"
+    )
+    p.add_argument(
+        "--query", type=Path, help="query image (with --database); without it the index is only built"
+    )
+    p.add_argument(
+        "--bbox", type=float, nargs=4, metavar=("X1", "Y1", "X2", "Y2"), help="crop the query first"
+    )
+    p.add_argument("--top-k", type=int, default=10, help="how many database images to print")
+    p.add_argument("--data-root", default=None, help="folder holding the datasets for --evaluate (real data)")
+    p.add_argument(
+        "--image-size", type=int, default=None, help="longest image side (default: the artifact's)"
+    )
+    p.add_argument(
+        "--index-dir", type=Path, default=None, help="where to cache the index (default: beside the database)"
+    )
+    p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument(
+        "-q", "--quiet", action="store_true", help="only the results (no progress lines on stderr)"
+    )
+    return p
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line (see the module doc); 0 on success, 2 with ``error: …`` on stderr for bad input."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.query is None and args.bbox is not None:
+        parser.error("--bbox crops the query: give --query IMAGE too")
+    if args.evaluate is not None and args.query is not None:
+        parser.error("--query goes with --database; --evaluate uses the dataset's own queries")
+    if args.top_k < 1:
+        parser.error(f"--top-k {args.top_k}: must be at least 1")
+    if args.image_size is not None and args.image_size < 1:
+        parser.error(f"--image-size {args.image_size}: must be at least 1")
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+
+    # Heavy imports after argument checks, so `--help` and usage errors answer at once.
+    from trainables.compression.codec import CodecError, load_compressed
+    from trainables.data.images import ImageReadError
+    from trainables.data.oxford import DatasetError
+    from trainables.retrieval.index import IndexBuildError, describe_query, file_sha256, open_index
+
+    with tempfile.TemporaryDirectory(prefix="vladsweep-model-") as work:
+        try:
+            path, label = resolve_model(args.model, args.mlflow_uri, work)
+            sha = file_sha256(path)
+            model = load_compressed(path)  # verifies every checksum first: a tampered file never runs
+            image_size = _image_size(model, args.image_size, path)
+        except (ModelSpecError, CodecError, OSError) as exc:
+            return _fail(str(exc))
+    log.info("model: %s; sha256 %s…, image_size %d", label, sha[:16], image_size)
+
+    if args.evaluate is not None:
+        from trainables.data.registry import load_dataset
+        from trainables.retrieval.evaluate import evaluate_dataset
+
+        try:
+            dataset = load_dataset(args.evaluate, args.data_root)
+            result = evaluate_dataset(
+                model, dataset, image_size, device=args.device, batch_size=args.batch_size
+            )
+        except (ValueError, DatasetError, ImageReadError) as exc:
+            return _fail(str(exc))
+        record = {
+            "dataset": args.evaluate,
+            "image_size": image_size,
+            "queries": len(dataset.queries),
+            "database": len(dataset.images),
+            **result,
+        }
+        if args.json:
+            print(json.dumps(record))
+        else:
+            extra = "".join(f"  {k} {v:.6f}" for k, v in result.items() if k != "mAP")
+            print(
+                f"{args.evaluate}: mAP {result['mAP']:.6f}{extra}  ({record['queries']} queries, "
+                f"{record['database']} database images, image_size {image_size})"
+            )
+        return 0
+
+    try:
+        db = open_index(
+            model,
+            args.database,
+            image_size,
+            sha,
+            cache_dir=args.index_dir,
+            device=args.device,
+            batch_size=args.batch_size,
+        )
+        if args.query is None:
+            print(f"indexed {len(db.paths)} images of {args.database}: {db.location}")
+            return 0
+        hits = db.search(describe_query(model, args.query, image_size, args.bbox, args.device), args.top_k)[0]
+    except (IndexBuildError, ImageReadError, ValueError) as exc:
+        return _fail(str(exc))
+    if args.json:
+        print(json.dumps([{"rank": i, "score": s, "image": str(p)} for i, (p, s) in enumerate(hits, 1)]))
+    else:
+        print(f"{'rank':>4}  {'score':>7}  image")
+        for i, (p, s) in enumerate(hits, 1):
+            print(f"{i:>4}  {s:>7.4f}  {p}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,395 @@
+"""Release: read a sweep back from a real MLflow sqlite store, pick a front member, register it, resolve its alias.
+
+The store is written here with MlflowClient in the layout `sweep.tracking` writes (parent run tagged
+``vladsweep.role = sweep``, child runs with ``trial_id`` / ``status`` / ``pareto`` tags and metrics, front members'
+files under ``model/``), with real compressed artifacts of a tiny NetVLAD model. The artifacts' sizes are measured;
+their mAP values are set by the test so the front's shape is known — except in the last test, where the trial's mAP
+is measured the way `trainables.pipeline` measures it and the served model must reproduce it exactly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param
+from tiny_artifacts import IMAGE_SIZE, tiny_artifact
+
+from sweep import release
+from sweep.release import ReleaseError, open_sweep, parse_fraction, pick_by_max_drop, pick_by_max_memory
+from trainables.compression.codec import load_compressed
+
+REPO = Path(__file__).resolve().parents[1]
+EXPERIMENT = "release-tests"
+BASE_MAP = 0.80
+
+
+@dataclass
+class Store:
+    root: Path
+    uri: str
+    client: MlflowClient
+    parent: str = ""
+    old_parent: str = ""
+    runs: dict[str, str] = field(default_factory=dict)  # trial id -> run id
+    files: dict[str, Path] = field(default_factory=dict)  # trial id -> artifact file
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def log_sweep(
+    client: MlflowClient,
+    experiment_id: str,
+    name: str,
+    start_ms: int,
+    trials: list[dict],
+    base_map: float,
+    workdir: Path,
+) -> tuple[str, dict[str, str], dict[str, Path]]:
+    """A parent run and one child run per trial, as `sweep.tracking.sync_sweep` leaves them."""
+    parent = client.create_run(
+        experiment_id,
+        run_name=name,
+        start_time=start_ms,
+        tags={"vladsweep.role": "sweep", "vladsweep.sweep_dir": str(workdir / name)},
+    ).info.run_id
+    client.log_batch(
+        parent,
+        metrics=[Metric("base_mAP", base_map, 0, 0), Metric("base_memory_mib", 1150080 / 2**20, 0, 0)],
+        params=[Param("base.image_size", str(IMAGE_SIZE))],
+    )
+    runs, files = {}, {}
+    for i, t in enumerate(trials):
+        status = t.get("status", "FINISHED")
+        run = client.create_run(
+            experiment_id,
+            run_name=f"run_trial_{t['id']}",
+            start_time=start_ms + 1 + i,
+            tags={
+                "mlflow.parentRunId": parent,
+                "trial_id": t["id"],
+                "vladsweep.role": "trial",
+                "status": status,
+                "pareto": "true" if t.get("pareto") else "false",
+                "node": "127.0.0.1/test",
+            },
+        ).info.run_id
+        runs[t["id"]] = run
+        params = {"bits": t.get("bits", 4), "sparsity_target": t.get("sparsity", 0.5), "base_key": "k"}
+        metrics = {}
+        if status == "FINISHED":
+            path = workdir / t["id"] / "model.vlad.safetensors"
+            totals = tiny_artifact(path, t.get("bits", 4), t.get("sparsity", 0.5), seed=i)
+            files[t["id"]] = path
+            mib = t.get("memory_mib", totals["memory_mib"])
+            map_ = t["mAP"](path) if callable(t["mAP"]) else t["mAP"]
+            metrics = {
+                "mAP": map_,
+                "mAP_synthetic-test": map_,
+                "mAP_drop": (base_map - map_) / base_map,
+                "memory_mib": mib,
+                "compression_ratio": totals["dense_fp32_bytes"] / (mib * 2**20),
+                "sparsity": totals["sparsity"],
+            }
+            if t.get("artifact", t.get("pareto")):
+                (path.parent / "layers.json").write_text(json.dumps({"totals": totals}))
+                client.log_artifacts(run, str(path.parent), artifact_path="model")
+        client.log_batch(
+            run,
+            metrics=[Metric(k, v, 0, 0) for k, v in metrics.items()],
+            params=[Param(k, str(v)) for k, v in params.items()],
+        )
+        client.set_terminated(run, "FINISHED" if status == "FINISHED" else "FAILED")
+    client.set_tag(parent, "pareto_run_ids", ",".join(runs[t["id"]] for t in trials if t.get("pareto")))
+    client.set_terminated(parent, "FINISHED")
+    return parent, runs, files
+
+
+#: The main sweep. Memory grows with bits (measured on the files): t1 < t2 < t4 < t3.
+TRIALS = [
+    {"id": "t1", "bits": 2, "sparsity": 0.8, "mAP": 0.60, "pareto": True},  # drop 25 %
+    {"id": "t2", "bits": 4, "sparsity": 0.5, "mAP": 0.78, "pareto": True},  # drop 2.5 %
+    {"id": "t3", "bits": 8, "sparsity": 0.0, "mAP": 0.788, "pareto": True},  # drop 1.5 %
+    # Dominated by t2 (bigger and worse). It keeps the file it got while it was on the front of an earlier sync.
+    {"id": "t4", "bits": 6, "sparsity": 0.3, "mAP": 0.70, "pareto": False, "artifact": True},
+    # Dominated, never on the front: no file logged.
+    {"id": "t5", "bits": 8, "sparsity": 0.0, "mAP": 0.65, "pareto": False, "memory_mib": 0.5},
+    {"id": "t6", "status": "FAILED"},
+]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Store:
+    root = tmp_path_factory.mktemp("release")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment(EXPERIMENT, artifact_location=str(root / "artifacts"))
+    client.create_experiment("no-sweeps-here", artifact_location=str(root / "artifacts-empty"))
+    s = Store(root, uri, client)
+    s.old_parent, old_runs, _ = log_sweep(
+        client, exp, "old-sweep", 1_000_000, [{"id": "old1", "mAP": 0.5, "pareto": True}], 0.6, root / "old"
+    )
+    s.parent, s.runs, s.files = log_sweep(
+        client, exp, "main-sweep", 2_000_000, TRIALS, BASE_MAP, root / "main"
+    )
+    s.runs["old1"] = old_runs["old1"]
+    mibs = {t: client.get_run(s.runs[t]).data.metrics["memory_mib"] for t in ("t1", "t2", "t3", "t4")}
+    assert mibs["t1"] < mibs["t2"] < mibs["t4"] < mibs["t3"], f"the test's front needs this order: {mibs}"
+    return s
+
+
+def run_main(args: list[str], capsys) -> tuple[int, str, str]:
+    code = release.main(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_release_reads_the_tags_tracking_writes():
+    from sweep import tracking
+
+    assert release.ROLE_TAG == tracking.ROLE_TAG
+    for uri in ("sqlite:///mlflow.db", "sqlite:////abs/m.db", "http://127.0.0.1:5000"):
+        assert release.absolute_uri(uri) == tracking.resolve_tracking_uri(uri)
+
+
+def test_parse_fraction():
+    assert parse_fraction("0.02") == pytest.approx(0.02)
+    assert parse_fraction("2%") == pytest.approx(0.02)
+    assert parse_fraction(" 2.5 % ") == pytest.approx(0.025)
+    assert parse_fraction("0") == 0.0
+    with pytest.raises(ReleaseError, match="write 2%"):
+        parse_fraction("2")
+    with pytest.raises(ReleaseError, match="0.02 or a percentage"):
+        parse_fraction("two")
+    with pytest.raises(ReleaseError, match="≥ 0"):
+        parse_fraction("-1%")
+
+
+def test_list_shows_the_front_of_the_latest_sweep(store, capsys):
+    code, out, _ = run_main(["--mlflow-uri", store.uri, "--experiment", EXPERIMENT], capsys)
+    assert code == 0
+    assert store.parent in out and "main-sweep" in out
+    assert "6 trials, 5 finished, 3 on the Pareto front" in out
+    rows = [line for line in out.splitlines() if line[:32] in store.runs.values()]
+    assert [r.split()[1] for r in rows] == ["t1", "t2", "t3"], "front rows, smallest file first"
+    assert store.runs["t4"] not in out and store.runs["t5"] not in out
+    assert "(base model)" in out and "0.8000" in out
+    t2 = next(r for r in rows if r.split()[1] == "t2")
+    assert "2.5%" in t2 and "bits=4" in t2 and "base_key" not in t2  # bits varies across trials, base_key not
+
+
+def test_parent_run_id_selects_another_sweep(store, capsys):
+    code, out, _ = run_main(
+        [
+            "--mlflow-uri",
+            store.uri,
+            "--experiment",
+            EXPERIMENT,
+            "--parent-run-id",
+            store.old_parent,
+            "--list",
+        ],
+        capsys,
+    )
+    assert code == 0
+    assert store.runs["old1"] in out and store.runs["t1"] not in out
+
+
+def test_picks(store):
+    sweep = open_sweep(store.uri, EXPERIMENT)
+    drop = {x: pick_by_max_drop(sweep, parse_fraction(x)).trial_id for x in ("3%", "0.03", "2%", "25%", "1")}
+    assert drop == {"3%": "t2", "0.03": "t2", "2%": "t3", "25%": "t1", "1": "t1"}
+    mib = {t: sweep.trial(store.runs[t]).memory_mib for t in ("t1", "t2", "t3", "t4")}
+    assert pick_by_max_memory(sweep, mib["t4"]).trial_id == "t2"  # t4 fits too but is dominated
+    assert pick_by_max_memory(sweep, mib["t3"]).trial_id == "t3"
+    assert pick_by_max_memory(sweep, mib["t1"]).trial_id == "t1"
+    assert pick_by_max_memory(sweep, 1e9).trial_id == "t3"
+
+
+def test_nothing_qualifies_lists_the_closest(store):
+    sweep = open_sweep(store.uri, EXPERIMENT)
+    with pytest.raises(ReleaseError) as err:
+        pick_by_max_drop(sweep, 0.01)
+    lines = str(err.value).splitlines()
+    assert "at most 1.0%" in lines[0]
+    assert "trial t3" in lines[1] and "drop 1.5%" in lines[1], "the closest first: the smallest drop"
+    assert "trial t2" in lines[2]
+    with pytest.raises(ReleaseError) as err:
+        pick_by_max_memory(sweep, 0.001)
+    assert "fits in 0.001 MiB" in str(err.value) and "trial t1" in str(err.value).splitlines()[1]
+
+
+def _version(store, name, alias="release"):
+    return store.client.get_model_version_by_alias(name, alias)
+
+
+def test_release_registers_a_version_and_the_alias_resolves(store, capsys, tmp_path, monkeypatch):
+    name = "tiny-netvlad"
+    base = ["--mlflow-uri", store.uri, "--experiment", EXPERIMENT, "--name", name]
+    code, out, err = run_main([*base, "--max-map-drop", "3%"], capsys)
+    assert code == 0, err
+    assert out.strip().splitlines()[-1] == f"models:/{name}@release"
+    assert "trial t2" in out
+    mv = _version(store, name)
+    assert str(mv.version) == "1" and mv.run_id == store.runs["t2"]
+    assert mv.tags["trial_id"] == "t2" and mv.tags["pareto"] == "true" and mv.tags["forced"] == "false"
+    assert float(mv.tags["mAP"]) == 0.78 and float(mv.tags["mAP_drop"]) == pytest.approx(0.025)
+    assert mv.tags["config.bits"] == "4" and mv.tags["base.image_size"] == str(IMAGE_SIZE)
+    assert mv.tags["artifact_sha256"] == _sha256(store.files["t2"])
+    assert mv.tags["sweep_parent_run_id"] == store.parent
+
+    # What a user of MLflow does with the URI: the file comes back, unchanged, and loads.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store.uri)
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", store.uri)
+    local = Path(
+        mlflow.artifacts.download_artifacts(f"models:/{name}@release", dst_path=str(tmp_path / "dl"))
+    )
+    artifact = local / "model.vlad.safetensors"
+    assert _sha256(artifact) == _sha256(store.files["t2"])
+    assert (local / "layers.json").is_file()
+    model = load_compressed(artifact)
+    assert model.compression_meta["meta"]["base"]["image_size"] == IMAGE_SIZE
+    with torch.no_grad():
+        assert model.eval()(torch.rand(1, 3, IMAGE_SIZE, IMAGE_SIZE)).shape == (1, 32)
+
+    # A second release is a new version and moves the alias; releasing t2 again reuses its version.
+    code, out, _ = run_main([*base, "--max-memory-mib", "1000"], capsys)
+    assert code == 0 and "trial t3" in out
+    assert str(_version(store, name).version) == "2"
+    code, out, _ = run_main([*base, "--run-id", store.runs["t2"]], capsys)
+    assert code == 0 and "already version 1" in out
+    assert str(_version(store, name).version) == "1"
+    assert len(store.client.search_model_versions(f"name = '{name}'")) == 2
+
+    code, out, _ = run_main([*base, "--run-id", store.runs["t1"], "--alias", "smallest"], capsys)
+    assert code == 0 and out.strip().splitlines()[-1] == f"models:/{name}@smallest"
+    assert _version(store, name, "smallest").run_id == store.runs["t1"]
+    assert str(_version(store, name).version) == "1", "another alias leaves 'release' where it was"
+
+
+def test_off_front_run_is_refused_with_the_reason_unless_forced(store, capsys):
+    name = "forced-netvlad"
+    base = [
+        "--mlflow-uri",
+        store.uri,
+        "--experiment",
+        EXPERIMENT,
+        "--name",
+        name,
+        "--run-id",
+        store.runs["t4"],
+    ]
+    code, out, err = run_main(base, capsys)
+    assert code == 2
+    assert "not on the Pareto front" in err and "dominated by trial t2" in err and "--force" in err
+    assert "trial t3" not in err, "t3 is bigger than t4: it does not dominate it"
+    with pytest.raises(mlflow.exceptions.MlflowException):
+        store.client.get_registered_model(name)
+
+    code, out, err = run_main([*base, "--force"], capsys)
+    assert code == 0, err
+    assert "warning" in err and "dominated by trial t2" in err
+    mv = _version(store, name)
+    assert mv.run_id == store.runs["t4"] and mv.tags["forced"] == "true" and mv.tags["pareto"] == "false"
+
+
+def test_forced_run_without_a_file_and_failed_runs_are_refused(store, capsys):
+    base = ["--mlflow-uri", store.uri, "--experiment", EXPERIMENT, "--name", "never"]
+    code, _, err = run_main([*base, "--run-id", store.runs["t5"], "--force"], capsys)
+    assert code == 2 and "no model/model.vlad.safetensors artifact" in err and "trial t5" in err
+    code, _, err = run_main([*base, "--run-id", store.runs["t6"], "--force"], capsys)
+    assert code == 2 and "status FAILED" in err
+    with pytest.raises(mlflow.exceptions.MlflowException):
+        store.client.get_registered_model("never")
+
+
+def test_bad_inputs_name_what_is_wrong(store, capsys, tmp_path):
+    base = ["--mlflow-uri", store.uri]
+    code, _, err = run_main([*base, "--experiment", "nope"], capsys)
+    assert code == 2 and "'nope': no such experiment" in err and EXPERIMENT in err
+    code, _, err = run_main([*base, "--experiment", "no-sweeps-here"], capsys)
+    assert code == 2 and "has no sweep" in err and "sweep/run.py" in err
+    code, _, err = run_main([*base, "--experiment", EXPERIMENT, "--parent-run-id", store.runs["t1"]], capsys)
+    assert code == 2 and "not a sweep parent run" in err
+    code, _, err = run_main([*base, "--experiment", EXPERIMENT, "--parent-run-id", "0" * 32], capsys)
+    assert code == 2 and "no such run" in err
+    code, _, err = run_main([*base, "--experiment", EXPERIMENT, "--run-id", store.runs["old1"]], capsys)
+    assert code == 2 and "not a trial of sweep 'main-sweep'" in err
+    code, _, err = run_main([*base, "--experiment", EXPERIMENT, "--run-id", "t2"], capsys)
+    assert code == 2 and f"trial id of run {store.runs['t2']}" in err
+    code, _, err = run_main([*base, "--experiment", EXPERIMENT, "--max-map-drop", "2"], capsys)
+    assert code == 2 and "write 2%" in err
+    code, _, err = run_main([*base, "--experiment", EXPERIMENT, "--max-memory-mib", "-1"], capsys)
+    assert code == 2 and "must be a size > 0" in err
+    missing = tmp_path / "nothing.db"
+    code, _, err = run_main(["--mlflow-uri", f"sqlite:///{missing}", "--experiment", EXPERIMENT], capsys)
+    assert code == 2 and str(missing) in err and not missing.exists()
+    with pytest.raises(SystemExit):  # argparse: one pick at a time
+        release.main([*base, "--max-map-drop", "2%", "--run-id", "x"])
+
+
+def test_a_damaged_artifact_is_not_released(store, tmp_path, capsys):
+    # Every test shares the module's store: a new MLflow database costs ~10 s of migrations on the CI machine.
+    client, uri = store.client, store.uri
+    exp = client.create_experiment("damaged", artifact_location=str(tmp_path / "artifacts"))
+    _, runs, files = log_sweep(
+        client, exp, "s", 1, [{"id": "d1", "mAP": 0.5, "pareto": True}], 0.6, tmp_path / "w"
+    )
+    # Flip one payload byte in the logged copy: the checksum of that tensor no longer matches.
+    run = client.get_run(runs["d1"])
+    logged = Path(run.info.artifact_uri.removeprefix("file://")) / "model" / "model.vlad.safetensors"
+    data = bytearray(logged.read_bytes())
+    data[-100] ^= 0xFF
+    logged.write_bytes(bytes(data))
+    code, _, err = run_main(
+        ["--mlflow-uri", uri, "--experiment", "damaged", "--max-map-drop", "100%"], capsys
+    )
+    assert code == 2 and "does not load" in err and "checksum mismatch" in err
+
+
+def test_released_model_serves_the_mAP_its_trial_logged(store, tmp_path):
+    """The whole path, as a user runs it: `python -m sweep.release`, then the search CLI on the models:/ URI."""
+    from trainables.data.registry import load_dataset
+    from trainables.retrieval.evaluate import evaluate_dataset
+
+    client, uri = store.client, store.uri
+    exp = client.create_experiment("chain", artifact_location=str(tmp_path / "artifacts"))
+
+    def measure(path: Path) -> float:
+        # The trial's mAP exactly as trainables/pipeline.py measures it: decode the file, evaluate the test split.
+        return evaluate_dataset(load_compressed(path), load_dataset("synthetic-test"), IMAGE_SIZE)["mAP"]
+
+    _, runs, _ = log_sweep(
+        client, exp, "chain-sweep", 1, [{"id": "c1", "mAP": measure, "pareto": True}], 0.9, tmp_path / "w"
+    )
+    logged = client.get_run(runs["c1"]).data.metrics["mAP"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "sweep.release", "--mlflow-uri", uri, "--experiment", "chain", "--name", "chain",
+         "--max-map-drop", "100%"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    model_uri = proc.stdout.strip().splitlines()[-1]
+    assert model_uri == "models:/chain@release"
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "trainables.retrieval.search", "--model", model_uri, "--mlflow-uri", uri,
+         "--evaluate", "synthetic-test", "--json"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "version 1, run " + runs["c1"] in proc.stderr
+    assert json.loads(proc.stdout)["mAP"] == logged
