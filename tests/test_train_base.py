@@ -1,0 +1,174 @@
+"""Tests of the triplet loss, the training loop and the base-model build on the embedded synthetic set."""
+
+import json
+import pickle
+
+import faiss  # noqa: F401  (faiss before torch)
+import numpy as np
+import pytest
+import torch
+
+from trainables.base import META_FILE, MODEL_FILE, BaseConfig, _write_atomically, build_base, load_base, main
+from trainables.data.registry import load_dataset
+from trainables.data.synthetic import ensure_synthetic
+from trainables.data.tuples import TripletMiner
+from trainables.netvlad import NetVLADConfig, NetVLADModel, init_clusters
+from trainables.retrieval.evaluate import evaluate_dataset
+from trainables.train import DivergedError, make_train_fn, train_triplet, triplet_loss
+
+SMALL = dict(
+    num_clusters=4,
+    whitening_dim=16,
+    image_size=64,
+    steps=4,
+    batch_size=2,
+    num_negatives=2,
+    neg_pool_size=40,
+    kmeans_images=20,
+    kmeans_per_image=20,
+)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic-cache")
+    ensure_synthetic(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def train_split(cache):
+    return load_dataset("synthetic-train", cache)
+
+
+def small_model(train_split, seed=0):
+    torch.manual_seed(seed)
+    model = NetVLADModel(NetVLADConfig("tiny", num_clusters=4, whitening_dim=None))
+    init_clusters(model, train_split.image_paths(), n_images=10, per_image=20, seed=seed, image_size=64)
+    return model
+
+
+def test_triplet_loss_matches_definition():
+    q = torch.tensor([0.0, 0.0])
+    pos = torch.tensor([[1.0, 0.0], [0.3, 0.0]])  # closest: d² = 0.09
+    neg = torch.tensor([[0.0, 0.2], [2.0, 0.0], [0.0, 0.4]])  # d² = 0.04, 4.0, 0.16
+    # max(0, 0.09 + 0.1 - 0.04) + max(0, 0.19 - 4) + max(0, 0.19 - 0.16) = 0.15 + 0 + 0.03
+    assert triplet_loss(q, pos, neg, margin=0.1).item() == pytest.approx(0.18)
+    assert triplet_loss(q, pos[1:], neg[1:2], margin=0.1).item() == 0.0
+    with pytest.raises(ValueError, match="pos \\(P, d\\)"):
+        triplet_loss(q, pos[0], neg)
+
+
+def test_triplet_loss_gradient_pulls_positive_pushes_negative():
+    q = torch.zeros(2)
+    pos = torch.tensor([[0.5, 0.0]], requires_grad=True)
+    neg = torch.tensor([[0.0, 0.5]], requires_grad=True)
+    triplet_loss(q, pos, neg).backward()
+    assert pos.grad[0, 0] > 0  # descending the gradient moves the positive toward q
+    assert neg.grad[0, 1] < 0  # and the negative away from it
+
+
+def test_training_is_deterministic_adds_extra_loss_and_trains_only_trainable(train_split):
+    runs = []
+    for extra in (None, lambda: torch.tensor(5.0)):
+        model = small_model(train_split)
+        model.backbone.requires_grad_(False)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        miner = TripletMiner(train_split, 64, num_negatives=2, neg_pool_size=30, seed=1, anchors_per_epoch=12)
+        losses = train_triplet(model, miner, 3, 1e-3, extra_loss=extra, progress=False, batch_size=2)
+        after = model.state_dict()
+        assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("backbone."))
+        assert not torch.equal(before["pool.centroids"], after["pool.centroids"])
+        assert miner.refreshes == 1
+        runs.append(losses)
+    assert len(runs[0]) == 3 and all(np.isfinite(runs[0]))
+    np.testing.assert_allclose(np.array(runs[1]) - 5.0, runs[0], rtol=1e-6, atol=1e-6)
+
+
+def test_train_fn_is_callable_positionally(train_split):
+    model = small_model(train_split)
+    miner = TripletMiner(train_split, 64, num_negatives=2, neg_pool_size=30, seed=1, anchors_per_epoch=12)
+    train_fn = make_train_fn(miner, 1e-3, progress=False, batch_size=1, refresh_every=1)
+    assert len(train_fn(model, 2, None)) == 2
+    assert miner.refreshes == 2
+
+
+def test_nan_producing_lr_raises_diverged_error(train_split):
+    model = small_model(train_split)
+    miner = TripletMiner(train_split, 64, num_negatives=2, neg_pool_size=30, seed=1, anchors_per_epoch=12)
+    # Adam moves each weight by ~lr on the first step: 1e30 overflows the activations to inf, the loss to NaN.
+    with pytest.raises(DivergedError, match="diverged at step 1") as err:
+        train_triplet(model, miner, 5, 1e30, progress=False, batch_size=1)
+    assert err.value.step == 1
+    again = pickle.loads(pickle.dumps(err.value))  # Ray ships exceptions by pickle
+    assert isinstance(again, DivergedError) and again.step == 1 and str(again) == str(err.value)
+
+
+def test_build_base_writes_loads_and_is_deterministic(cache, tmp_path, capsys):
+    config = BaseConfig(
+        data_root=str(cache), seed=3, num_clusters=4, whitening_dim=16, image_size=64, steps=4
+    )
+    args = ["--data-root", str(cache), "--out", str(tmp_path / "a"), "--quiet", "--steps", "4", "--seed", "3"]
+    args += ["--num-clusters", "4", "--whitening-dim", "16", "--image-size", "64"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "| synthetic-test |" in printed and config.key() in printed
+
+    out = build_base(config, tmp_path / "b", progress=False)
+    assert sorted(p.name for p in out.iterdir()) == sorted([MODEL_FILE, META_FILE])
+    meta = json.loads((out / META_FILE).read_text())
+    assert meta["key"] == config.key() and meta["config"]["seed"] == 3
+    maps = meta["maps"]["synthetic-test"]
+    values = [maps["random"]] + [
+        maps[s]["mAP"] for s in ("off_the_shelf", "finetuned_no_whitening", "finetuned")
+    ]
+    assert all(np.isfinite(values)) and all(0 <= v <= 1 for v in values)
+    assert meta["mAP"] == maps["finetuned"]["mAP"]
+    assert set(meta["seconds"]) >= {"kmeans_init", "finetune", "whitening", "total"}
+
+    # Same seed, same config (once through the CLI, once through the API) -> identical mAPs and weights.
+    meta_cli = json.loads((tmp_path / "a" / META_FILE).read_text())
+    assert meta_cli["maps"] == meta["maps"]
+    model, meta_loaded = load_base(out)
+    model_cli, _ = load_base(tmp_path / "a")
+    for (k, v), (k2, v2) in zip(model.state_dict().items(), model_cli.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2), k
+    assert meta_loaded == meta and model.config.whitening_dim == 16
+
+    # The loaded model reproduces the descriptors the build measured: its mAP is the recorded one.
+    test = load_dataset("synthetic-test", cache)
+    assert evaluate_dataset(model, test, 64, "cpu")["mAP"] == pytest.approx(
+        maps["finetuned"]["mAP"], abs=1e-9
+    )
+
+    with pytest.raises(FileExistsError, match="not empty"):
+        build_base(config, out, progress=False)
+
+
+def test_base_config_key_and_validation(tmp_path):
+    a = BaseConfig(**SMALL)
+    assert a.key() == BaseConfig(**SMALL).key()
+    assert a.key() == BaseConfig(data_root=str(tmp_path), **SMALL).key()  # where the data is, not what it is
+    assert a.key() != BaseConfig(**(SMALL | {"steps": 5})).key()
+    assert BaseConfig.from_dict(a.to_dict()) == a
+    assert (a.train_split, a.test_splits) == ("synthetic-train", ["synthetic-test"])
+    assert BaseConfig(dataset="paris6k").test_splits == ["oxford5k"]
+    with pytest.raises(ValueError, match="dataset='imagenet'"):
+        BaseConfig(dataset="imagenet")
+    with pytest.raises(ValueError, match="unknown base config keys"):
+        BaseConfig.from_dict({"stepz": 3})
+
+
+def test_atomic_write_leaves_nothing_on_crash(tmp_path):
+    def crash(tmp):
+        (tmp / MODEL_FILE).write_bytes(b"half")
+        raise RuntimeError("killed mid-write")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        _write_atomically(tmp_path / "base", crash, overwrite=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_load_base_names_missing_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="meta.json"):
+        load_base(tmp_path)

@@ -1,0 +1,237 @@
+"""NetVLAD model assembly: backbone -> NetVLAD -> optional PCA whitening -> L2, plus its init helpers.
+
+`NetVLADModel` is a plain ``nn.Module`` with three parts: ``backbone`` (conv5 features), ``pool`` (NetVLAD) and
+``whiten`` (``nn.Linear`` or ``None``). `build_netvlad(config_dict)` rebuilds the architecture only (it never
+loads weights or touches the network) so the compression codec can recreate a model from an artifact header.
+`init_clusters` and `fit_whitening` are the two data-driven steps of building a base model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainables.netvlad.backbones import BACKBONE_DIMS, BACKBONES, build_backbone
+from trainables.netvlad.layers import NetVLAD
+from trainables.netvlad.whitening import learn_whitening
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class NetVLADConfig:
+    """Architecture (+ where the backbone's starting weights come from) of a NetVLAD model."""
+
+    backbone: str
+    num_clusters: int = 64
+    whitening_dim: int | None = 4096
+    #: None (random), "imagenet" (torchvision cache only) or a state-dict path; not part of the architecture.
+    weights: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"backbone={self.backbone!r} is not one of {', '.join(BACKBONES)}")
+        if not isinstance(self.num_clusters, int) or self.num_clusters < 1:
+            raise ValueError(f"num_clusters must be a positive integer, got {self.num_clusters!r}")
+        if self.whitening_dim is not None and (
+            not isinstance(self.whitening_dim, int) or not 1 <= self.whitening_dim <= self.vlad_dim
+        ):
+            raise ValueError(
+                f"whitening_dim must be None or an integer in 1..vlad_dim={self.vlad_dim} "
+                f"(num_clusters x backbone dim), got {self.whitening_dim!r}"
+            )
+
+    @property
+    def local_dim(self) -> int:
+        return BACKBONE_DIMS[self.backbone]
+
+    @property
+    def vlad_dim(self) -> int:
+        return self.num_clusters * self.local_dim
+
+    @property
+    def out_dim(self) -> int:
+        return self.whitening_dim if self.whitening_dim is not None else self.vlad_dim
+
+
+class NetVLADModel(nn.Module):
+    """backbone -> NetVLAD -> [whitening Linear -> L2]; ``forward(images (B,3,H,W)) -> (B, out_dim)``, L2-normalized."""
+
+    def __init__(self, config: NetVLADConfig) -> None:
+        super().__init__()
+        self.config = dataclasses.replace(config)
+        self.backbone, dim = build_backbone(config.backbone, config.weights)
+        self.pool = NetVLAD(config.num_clusters, dim)
+        self.whiten: nn.Linear | None = (
+            nn.Linear(config.vlad_dim, config.whitening_dim) if config.whitening_dim is not None else None
+        )
+
+    @property
+    def out_dim(self) -> int:
+        return self.config.out_dim
+
+    def local_descriptors(self, images: torch.Tensor) -> torch.Tensor:
+        """L2-normalized conv5 descriptors, (B, H*W, D): what NetVLAD pools and k-means clusters."""
+        x = self.backbone(images)
+        return F.normalize(x, p=2, dim=1).flatten(2).transpose(1, 2)
+
+    def vlad(self, images: torch.Tensor) -> torch.Tensor:
+        """The NetVLAD vector before whitening, (B, K*D), L2-normalized."""
+        return self.pool(self.backbone(images))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        v = self.vlad(images)
+        if self.whiten is not None:
+            v = F.normalize(self.whiten(v), p=2, dim=1)
+        return v
+
+    def compression_groups(self) -> dict[str, list[str]]:
+        """Qualified module names per compression group: every backbone conv, the NetVLAD conv, the whitening."""
+        groups = {
+            "conv": [f"backbone.{n}" for n, m in self.backbone.named_children() if isinstance(m, nn.Conv2d)],
+            "netvlad": ["pool.conv"],
+        }
+        if self.whiten is not None:
+            groups["whitening"] = ["whiten"]
+        return groups
+
+    def config_dict(self) -> dict[str, Any]:
+        """JSON-able architecture record; ``build_netvlad(model.config_dict())`` rebuilds this architecture."""
+        return {
+            "arch": "netvlad",
+            "backbone": self.config.backbone,
+            "num_clusters": self.config.num_clusters,
+            "whitening_dim": self.config.whitening_dim,
+        }
+
+
+_CONFIG_KEYS = {"arch", "backbone", "num_clusters", "whitening_dim", "weights"}
+
+
+def build_netvlad(config: dict[str, Any]) -> NetVLADModel:
+    """Rebuild a `NetVLADModel` architecture from `NetVLADModel.config_dict` (random weights, nothing loaded).
+
+    A ``"weights"`` entry is ignored on purpose: the caller (the codec) restores every tensor itself.
+    """
+    if not isinstance(config, dict):
+        raise TypeError(
+            f"build_netvlad needs a dict from NetVLADModel.config_dict(), got {type(config).__name__}"
+        )
+    unknown = set(config) - _CONFIG_KEYS
+    if unknown:
+        raise ValueError(f"unknown NetVLAD config keys {sorted(unknown)}; allowed: {sorted(_CONFIG_KEYS)}")
+    if config.get("arch", "netvlad") != "netvlad":
+        raise ValueError(f"config arch={config['arch']!r} is not 'netvlad'")
+    if "backbone" not in config:
+        raise ValueError("NetVLAD config lacks 'backbone'")
+    cfg = NetVLADConfig(
+        backbone=config["backbone"],
+        num_clusters=config.get("num_clusters", 64),
+        whitening_dim=config.get("whitening_dim", 4096),
+        weights=None,
+    )
+    return NetVLADModel(cfg)
+
+
+def parameter_summary(model: nn.Module) -> tuple[list[dict[str, Any]], int]:
+    """Per-parameter rows ``{"name", "shape", "params"}`` and the total parameter count (works on meta tensors)."""
+    rows = [{"name": n, "shape": list(p.shape), "params": p.numel()} for n, p in model.named_parameters()]
+    return rows, sum(r["params"] for r in rows)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+ImageSource = str | os.PathLike | torch.Tensor
+
+
+@torch.no_grad()
+def init_clusters(
+    model: NetVLADModel,
+    images: Sequence[ImageSource] | Iterable[ImageSource],
+    n_images: int = 500,
+    per_image: int = 100,
+    seed: int = 0,
+    image_size: int | None = None,
+    progress: bool = False,
+) -> dict[str, float]:
+    """k-means-initialize ``model.pool`` from local descriptors of up to ``n_images`` images, ``per_image`` each.
+
+    ``images``: image paths (loaded with ``trainables.data.images.load_image(path, image_size)``) or tensors (3, H, W)
+    already normalized; unreadable files are skipped with a warning. A sequence longer than ``n_images`` is subsampled with ``seed``; the descriptors of each
+    image are subsampled the same way. Returns the layer's init record (alpha, n_descriptors, objective).
+    """
+    rng = np.random.default_rng(seed)
+    if isinstance(images, Sequence) and len(images) > n_images:
+        idx = sorted(rng.choice(len(images), size=n_images, replace=False).tolist())
+        images = [images[i] for i in idx]
+    was_training = model.training
+    model.eval()
+    device = _model_device(model)
+    chunks: list[np.ndarray] = []
+    it: Iterable[ImageSource] = images
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(images, desc="k-means descriptors", unit="img", leave=False)
+    for i, img in enumerate(it):
+        if i >= n_images:
+            break
+        if isinstance(img, str | os.PathLike | Path):
+            from trainables.data.images import ImageReadError, load_image
+
+            if image_size is None:
+                raise ValueError("init_clusters needs image_size to load images from paths")
+            try:
+                img = load_image(img, image_size)
+            except ImageReadError as exc:  # Paris6k ships a few corrupt JPEGs: one image less is harmless
+                log.warning("k-means init skips %s", exc)
+                continue
+        d = model.local_descriptors(img.unsqueeze(0).to(device))[0].float().cpu().numpy()
+        if d.shape[0] > per_image:
+            d = d[rng.choice(d.shape[0], size=per_image, replace=False)]
+        chunks.append(d)
+    model.train(was_training)
+    if not chunks:
+        raise ValueError("init_clusters got no images")
+    descs = np.concatenate(chunks)
+    info = model.pool.init_from_descriptors(descs, seed=seed)
+    log.info(
+        "NetVLAD k-means init: %d descriptors from %d images, alpha=%.2f",
+        len(descs),
+        len(chunks),
+        info["alpha"],
+    )
+    return info
+
+
+def fit_whitening(model: NetVLADModel, vlad_vectors: np.ndarray, out_dim: int | None = None) -> nn.Linear:
+    """Learn PCA whitening from pre-whitening VLAD vectors (n, K*D) (see `NetVLADModel.vlad`) and install it.
+
+    ``out_dim`` defaults to ``model.config.whitening_dim``; the model's config is updated to match, so
+    ``config_dict()`` keeps describing the architecture.
+    """
+    out_dim = out_dim if out_dim is not None else model.config.whitening_dim
+    if out_dim is None:
+        raise ValueError("fit_whitening needs out_dim (the model's whitening_dim is None)")
+    vlad_vectors = np.asarray(vlad_vectors)
+    if vlad_vectors.ndim != 2 or vlad_vectors.shape[1] != model.config.vlad_dim:
+        raise ValueError(
+            f"VLAD vectors must have shape (n, {model.config.vlad_dim}) (the output of model.vlad), "
+            f"got {vlad_vectors.shape}"
+        )
+    lin = learn_whitening(vlad_vectors, out_dim).to(_model_device(model))
+    model.whiten = lin
+    model.config.whitening_dim = out_dim
+    return lin
