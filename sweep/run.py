@@ -41,6 +41,12 @@ logger = logging.getLogger("vladsweep")
 DEFAULT_SPACE = Path(__file__).resolve().parents[1] / "search_spaces" / "smoke.yaml"
 
 
+#: Exit codes: 0 the sweep ran; 2 a value or input that cannot work, found before Ray starts (nothing was run);
+#: 3 the trials ran and their results are in --storage, but MLflow went away mid-sweep (bring it back, then --sync).
+EXIT_USAGE = 2
+EXIT_TRACKING_BEHIND = 3
+
+
 class UsageError(RuntimeError):
     """A command-line value that cannot work; the message says what would."""
 
@@ -55,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="sweep/run.py",
         description=__doc__.split("\n\n")[0],
+        epilog="exit status: 0 the sweep ran; 2 a bad value or input, refused before any trial started; "
+        "3 the trials ran but MLflow could not be updated (bring it back, then run with --sync)",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument(
@@ -75,9 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--storage",
-        default="./vladsweep_results",
+        default=os.environ.get("VLADSWEEP_STORAGE", "./vladsweep_results"),
         help="where Ray keeps results, checkpoints and the base model: a local/NFS path or s3:// URI "
-        "(shared by all nodes on a cluster)",
+        "(shared by all nodes on a cluster; default: $VLADSWEEP_STORAGE, set on cluster nodes)",
     )
     p.add_argument("--name", default=None, help="sweep name (default: <space>-<dataset>-<backbone>)")
     p.add_argument("--resume", action="store_true", help="continue the sweep --name in --storage")
@@ -86,7 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="only bring MLflow up to date with the results in --storage (after an MLflow outage)",
     )
-    p.add_argument("--mlflow-uri", default="sqlite:///mlflow.db", help="MLflow tracking URI")
+    p.add_argument(
+        "--mlflow-uri",
+        default=os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"),
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite in the working directory)",
+    )
     p.add_argument("--experiment", default="vladsweep", help="MLflow experiment name")
     p.add_argument(
         "--dataset",
@@ -196,6 +208,15 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
         ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
 
 
+def tracking_outage(tracking_uri: str) -> str | None:
+    """Why MLflow at ``tracking_uri`` cannot be reached now, or None when it answers."""
+    try:
+        tracking.check_tracking_uri(tracking_uri)
+    except tracking.TrackingError as exc:
+        return str(exc)
+    return None
+
+
 def print_front(rows: list[dict], base_meta: dict, tracking_uri: str, parent_run_id: str) -> None:
     front = sorted((r for r in rows if r.get("pareto")), key=lambda r: r["memory_mib"])
     ok = sum(r["status"] == "ok" for r in rows)
@@ -239,13 +260,13 @@ def main(argv: list[str] | None = None) -> int:
         sweep_storage.StorageError,
     ) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     except Exception as exc:
         from trainables.data.oxford import DatasetError
 
         if isinstance(exc, DatasetError):
             print(f"error: {exc}", file=sys.stderr)
-            return 2
+            return EXIT_USAGE
         raise
 
 
@@ -266,6 +287,9 @@ def _run(args: argparse.Namespace) -> int:
         raise UsageError(f"--num-samples {num_samples}: must be at least 1")
     base_config = base_config_from_args(args)
     name = args.name or f"{space_path.stem}-{args.dataset}-{base_config.backbone}"
+    tracking_uri = tracking.resolve_tracking_uri(args.mlflow_uri)
+    # Before the storage probe: a refused start leaves nothing behind in the storage (not even the sweep's folder).
+    tracking.check_tracking_uri(tracking_uri)
     sweep = sweep_storage.SweepStorage.create(args.storage, name)
     sweep.check_writable()
     if sweep.has_experiment() and not (args.resume or args.sync):
@@ -278,12 +302,11 @@ def _run(args: argparse.Namespace) -> int:
             f"--{'resume' if args.resume else 'sync'}: no sweep named {name!r} in {args.storage} "
             f"(looked for {sweep.experiment_dir}/experiment_state*.json). Check --name and --storage."
         )
-    tracking_uri = tracking.resolve_tracking_uri(args.mlflow_uri)
-    tracking.check_tracking_uri(tracking_uri)
     check_datasets(base_config)
 
-    # 2. Ray, the base model, the parent run.
-    init_ray(args.ray_address)
+    # 2. Ray, the base model, the parent run. `--sync` only reads Ray's files: it needs no Ray (the base is cached).
+    if not args.sync:
+        init_ray(args.ray_address)
     from sweep.base_cache import base_summary, ensure_base
 
     t0 = time.monotonic()
@@ -346,20 +369,36 @@ def _run(args: argparse.Namespace) -> int:
             )
         t_trials = time.monotonic()
         tuner.fit()
-        client.log_metric(parent_run_id, "trial_phase_seconds", time.monotonic() - t_trials)
+        trial_seconds = time.monotonic() - t_trials
 
     # 4. MLflow agrees with Ray; the front.
     from dashboards.views import poster_reference
 
-    rows = tracking.sync_sweep(
-        tracking_uri,
-        experiment_id,
-        parent_run_id,
-        sweep.experiment_dir,
-        fixed_config,
-        base=base_point if base_point["mAP"] is not None else None,
-        reference=poster_reference(base_config.backbone, base_config.test_splits[0]),
-    )
+    try:
+        if not args.sync:
+            client.log_metric(parent_run_id, "trial_phase_seconds", trial_seconds)
+        rows = tracking.sync_sweep(
+            tracking_uri,
+            experiment_id,
+            parent_run_id,
+            sweep.experiment_dir,
+            fixed_config,
+            base=base_point if base_point["mAP"] is not None else None,
+            reference=poster_reference(base_config.backbone, base_config.test_splits[0]),
+        )
+    except Exception:
+        outage = tracking_outage(tracking_uri)
+        if outage is None:
+            raise
+        # The trials are done and safe in Ray's storage; only the MLflow mirror is behind. Say how to catch up.
+        print(
+            f"error: the trials ended and their results are in {sweep.experiment_dir}, but MLflow could not be "
+            f"updated: {outage}\n  When the server is back, log what is missing with:\n"
+            f"  python sweep/run.py --sync --name {name} --storage {sweep.root} --mlflow-uri {tracking_uri} "
+            f"--experiment {args.experiment}",
+            file=sys.stderr,
+        )
+        return EXIT_TRACKING_BEHIND
     print_front(rows, base_meta, tracking_uri, parent_run_id)
     unfinished = [r for r in rows if r["status"] not in ("ok", "failed")]
     if unfinished:

@@ -185,7 +185,8 @@ def test_smoke_space_reaches_high_compression():
     # The whitening (most of the file) reaches s = 2.0; conv/NetVLAD stay below sqrt(3), where a layer with
     # uniformly distributed weights (the tiny backbone's init) would be pruned whole.
     assert space.params["threshold_whitening"].high >= 2.0
-    assert space.params["threshold"].high < math.sqrt(3)
+    assert space.params["threshold_conv"].high < math.sqrt(3)
+    assert space.fixed["threshold"] < math.sqrt(3)
     assert space.params["bits"].low <= 2 and space.params["bits"].high >= 8
     # few steps: the smoke space must stay cheap on a CPU
     assert all(
