@@ -267,7 +267,7 @@ class TrialRunLogger(Callback):
             now = int(time.time() * 1000)
             metrics = [Metric(k, v, now, step) for k, v in numeric_metrics(result).items()]
             tags = [
-                RunTag("node", str(result.get("node_ip", ""))),
+                RunTag("node", _node_label(result)),
                 RunTag("stage", str(result.get("stage", ""))),
             ]
             self._client.log_batch(run_id, metrics=metrics, tags=tags)

@@ -49,10 +49,14 @@ class SuggestFromSpace:
 
 
 class MultiObjectiveOptunaSearch(OptunaSearch):
-    """``OptunaSearch`` that tells Optuna a failed trial as FAIL.
+    """``OptunaSearch`` that keeps the study true to the sweep, also across a driver that died.
 
-    Ray's version only checks ``val is None``; with several objectives a crashed trial yields ``[None, None]``,
-    Optuna refuses it and the trial stays RUNNING in the study forever.
+    - A failed trial is told as FAIL. Ray's version only checks ``val is None``; with several objectives a crashed
+      trial yields ``[None, None]``, Optuna refuses it and the trial stays RUNNING in the study forever.
+    - On restore, study trials that are RUNNING but belong to no restored Tune trial are told FAIL: the driver died
+      after asking Optuna for them and before Tune saved its state, so nothing would ever finish them.
+    (A trial that ends a second time after a resume — the driver died between telling Optuna and saving Tune's
+    state — is harmless: Ray logs Optuna's refusal of a second ``tell`` and the study keeps the first result.)
     """
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
@@ -60,6 +64,18 @@ class MultiObjectiveOptunaSearch(OptunaSearch):
             result = None
             error = True
         super().on_trial_complete(trial_id, result=result, error=error)
+
+    def restore(self, checkpoint_path: str) -> None:
+        super().restore(checkpoint_path)
+        if self._ot_study is None:
+            return
+        known = {ot_trial.number for ot_trial in self._ot_trials.values()}
+        running = self._ot_study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+        for number in {t.number for t in running} - known:
+            logger.info(
+                "Optuna trial %d was asked for by a driver that died before saving it: told FAIL", number
+            )
+            self._ot_study.tell(number, state=optuna.trial.TrialState.FAIL)
 
 
 def make_searcher(space: SearchSpace, seed: int, storage_url: str, max_concurrent: int) -> ConcurrencyLimiter:

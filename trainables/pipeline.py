@@ -33,6 +33,7 @@ from trainables.compression.codec import load_compressed, save_compressed
 from trainables.compression.plan import CompressionPlan
 from trainables.compression.schedule import (
     apply_masks,
+    dense_state_dict,
     export_masks,
     prune_and_retrain,
     quantize_and_finetune,
@@ -89,27 +90,49 @@ def _load_state(checkpoint: tune.Checkpoint | None, work: Path) -> dict[str, Any
     return json.loads((work / STATE).read_text())
 
 
-def _save_stage(work: Path, state: dict[str, Any], files: list[Path], metrics: dict[str, Any]) -> None:
+def _save_stage(
+    work: Path, state: dict[str, Any], files: list[Path], metrics: dict[str, Any], device: torch.device
+) -> None:
     """Report the end of a stage with a checkpoint holding exactly what the next stage needs."""
     with tempfile.TemporaryDirectory(prefix="vladsweep-ckpt-") as tmp:
         tmp_path = Path(tmp)
         (tmp_path / STATE).write_text(json.dumps(state, indent=2))
-        metrics = {**metrics, **_placement()}
+        metrics = {**metrics, **_placement(device)}
         for file in files:
             shutil.copy2(file, tmp_path / file.name)
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
 
 
-def _placement() -> dict[str, str]:
-    """Where this trial runs: the node (IPs repeat when several nodes share a machine) and its GPUs."""
+def _placement(device: torch.device) -> dict[str, str]:
+    """Where this trial runs: the node (IPs repeat when several nodes share a machine), the GPUs Ray gave it and
+    the device torch used (``cpu`` despite GPUs means this worker's torch cannot see CUDA)."""
     context = ray.get_runtime_context()
-    return {"node_id": context.get_node_id(), "gpu_ids": ",".join(str(g) for g in ray.get_gpu_ids())}
+    return {
+        "node_id": context.get_node_id(),
+        "gpu_ids": ",".join(str(g) for g in ray.get_gpu_ids()),
+        "device": device.type,
+    }
+
+
+def select_device(gpus: float) -> torch.device:
+    """CUDA when the trial holds a GPU share and this worker's torch sees CUDA, else the CPU.
+
+    Ray gives a trial with ``gpus < 1`` a share of one card that other trials use too (``--gpus-per-trial 0.5``
+    puts two on it); Ray only counts shares, so cap this process's CUDA memory to its share, or one trial can take
+    the memory the other needs.
+    """
+    device = torch.device("cuda" if gpus > 0 and torch.cuda.is_available() else "cpu")
+    if device.type == "cuda" and gpus < 1:
+        torch.cuda.set_per_process_memory_fraction(gpus)
+    return device
 
 
 def _save_weights(model: torch.nn.Module, path: Path, masks: dict[str, torch.Tensor] | None = None) -> None:
+    """The model's weights under their plain names, so a fresh model loads them (a pruned layer's state_dict holds
+    ``weight_orig``/``weight_mask`` instead), and its prune masks beside them for ``apply_masks``."""
     from safetensors.torch import save_file
 
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in dense_state_dict(model).items()}
     if masks:
         tensors.update({f"__mask__.{k}": m.to(torch.uint8).cpu().contiguous() for k, m in masks.items()})
     save_file(tensors, str(path))
@@ -135,10 +158,7 @@ def run_trial(config: dict[str, Any], context: dict[str, Any]) -> None:
     (``base_location``, ``data_root``, ``seed``) and comes through ``tune.with_parameters``."""
     cpus, gpus = _trial_resources()
     torch.set_num_threads(max(1, int(cpus)))
-    device = torch.device("cuda" if gpus > 0 and torch.cuda.is_available() else "cpu")
-    if device.type == "cuda" and gpus < 1:
-        # Fractional GPUs share one card: hold this trial to its share of the memory.
-        torch.cuda.set_per_process_memory_fraction(gpus)
+    device = select_device(gpus)
     settings = resolve_trial_config(config)
     plan = CompressionPlan.from_dict(settings["plan"], source="trial config")
     lr = settings["lr"]
@@ -156,6 +176,11 @@ def run_trial(config: dict[str, Any], context: dict[str, Any]) -> None:
     work = Path(tempfile.mkdtemp(prefix="vladsweep-trial-"))
     try:
         state = _load_state(tune.get_checkpoint(), work)
+        if state["stage"] >= len(STAGES) and "final" in state:
+            # Restored from its last checkpoint: the trial had ended but the driver died before recording it.
+            # Report the measured result again; measuring again would rewrite the checkpoint of a finished trial.
+            tune.report({**state["final"], **_placement(device)})
+            return
         torch.manual_seed(seed + state["stage"])
         miner = TripletMiner(
             load_dataset(meta["train_split"], data_root),
@@ -201,6 +226,7 @@ def run_trial(config: dict[str, Any], context: dict[str, Any]) -> None:
                 state,
                 [weights],
                 {"stage": "sparsify", "seconds_sparsify": state["seconds"]["sparsify"]},
+                device,
             )
 
         if state["stage"] == 1:
@@ -209,7 +235,11 @@ def run_trial(config: dict[str, Any], context: dict[str, Any]) -> None:
             _save_weights(model, weights, export_masks(model))
             state["stage"], state["seconds"]["prune"] = 2, time.monotonic() - t
             _save_stage(
-                work, state, [weights], {"stage": "prune", "seconds_prune": state["seconds"]["prune"]}
+                work,
+                state,
+                [weights],
+                {"stage": "prune", "seconds_prune": state["seconds"]["prune"]},
+                device,
             )
 
         if state["stage"] == 2:
@@ -226,7 +256,11 @@ def run_trial(config: dict[str, Any], context: dict[str, Any]) -> None:
             state["stage"], state["seconds"]["quantize"] = 3, time.monotonic() - t
             files = [artifact, work / "layers.json", work / "layers.md"]
             _save_stage(
-                work, state, files, {"stage": "quantize", "seconds_quantize": state["seconds"]["quantize"]}
+                work,
+                state,
+                files,
+                {"stage": "quantize", "seconds_quantize": state["seconds"]["quantize"]},
+                device,
             )
 
         # Stage 3: decode the file that ships and measure exactly that model.
@@ -258,7 +292,7 @@ def run_trial(config: dict[str, Any], context: dict[str, Any]) -> None:
         }
         for key in ("mAP", "memory_mib", "compression_ratio"):
             _finite(key, metrics[key])
-        state["stage"] = 4
-        _save_stage(work, state, [artifact, work / "layers.json", work / "layers.md"], metrics)
+        state["stage"], state["final"] = len(STAGES), metrics
+        _save_stage(work, state, [artifact, work / "layers.json", work / "layers.md"], metrics, device)
     finally:
         shutil.rmtree(work, ignore_errors=True)
