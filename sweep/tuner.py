@@ -125,6 +125,9 @@ def build_tuner(
             search_alg=make_searcher(space, seed, optuna_url, max_concurrent),
             num_samples=num_samples,
             max_concurrent_trials=max_concurrent,
+            # One worker process per slot for the whole sweep: a fresh actor per trial re-imports torch, faiss and
+            # Ray (seconds of CPU each time on a small machine) between every two trials.
+            reuse_actors=True,
         ),
         run_config=RunConfig(
             name=name,
