@@ -338,9 +338,11 @@ def _run(args: argparse.Namespace) -> int:
     client = tracking._client(tracking_uri)
     for key, value in base_summary(base_meta).items():
         client.log_metric(parent_run_id, key, value)
+    # How often this sweep built its base: 1, or 0 when another sweep in the same storage had built it already;
+    # a --resume adds nothing unless the cached base was deleted.
+    builds = int(client.get_run(parent_run_id).data.tags.get("base_builds", "0")) + int(built)
+    client.set_tag(parent_run_id, "base_builds", str(builds))
     if built:
-        builds = int(client.get_run(parent_run_id).data.tags.get("base_builds", "0")) + 1
-        client.set_tag(parent_run_id, "base_builds", str(builds))
         client.log_metric(parent_run_id, "base_build_seconds", base_seconds)
     fixed_config = {"base_key": base_config.key()}
     base_point = {"mAP": base_meta.get("mAP"), "memory_mib": base_meta.get("memory_mib")}
