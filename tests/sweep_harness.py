@@ -170,7 +170,10 @@ class SweepProcess:
         return f"--- stdout ---\n{self.stdout[-tail:]}\n--- stderr ---\n{self.stderr[-tail:]}"
 
 
-def sweep_args(space: Path, storage: Path, name: str, mlflow_uri: str, *extra: str) -> list[str]:
+def sweep_args(
+    space: Path, storage: Path, name: str, mlflow_uri: str, *extra: str, experiment: str = "vladsweep-faults"
+) -> list[str]:
+    """The CLI arguments of a test sweep (shared base steps, so every test sweep reuses one cached base)."""
     from conftest import TEST_BASE_STEPS
 
     return [
@@ -183,7 +186,7 @@ def sweep_args(space: Path, storage: Path, name: str, mlflow_uri: str, *extra: s
         "--mlflow-uri",
         mlflow_uri,
         "--experiment",
-        "vladsweep-faults",
+        experiment,
         "--base-steps",
         TEST_BASE_STEPS,
         *extra,

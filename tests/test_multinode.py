@@ -18,12 +18,13 @@ from contextlib import suppress
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TEST_BASE_STEPS
+from conftest import REPO
 from sweep_harness import (
     SweepProcess,
     local_cluster,
     mlflow_record,
     private_ray_tmpdir,
+    sweep_args,
     trial_results,
     wait_for,
 )
@@ -35,23 +36,9 @@ EXPERIMENT = "vladsweep-multinode"
 
 
 def run_args(space: Path, storage: Path, name: str, mlflow_uri: str, address: str, *extra: str) -> list[str]:
-    return [
-        "--search-space",
-        str(space),
-        "--storage",
-        str(storage),
-        "--name",
-        name,
-        "--mlflow-uri",
-        mlflow_uri,
-        "--experiment",
-        EXPERIMENT,
-        "--base-steps",
-        TEST_BASE_STEPS,
-        "--ray-address",
-        address,
-        *extra,
-    ]
+    return sweep_args(
+        space, storage, name, mlflow_uri, "--ray-address", address, *extra, experiment=EXPERIMENT
+    )
 
 
 def final_rows(experiment_dir: Path) -> dict[str, dict]:
