@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import faiss  # DESIGN §9: faiss before torch (both bring OpenMP)
+import faiss  # faiss before torch, both bring OpenMP: docs/traps.md#faiss-before-torch
 import numpy as np
 import torch
 

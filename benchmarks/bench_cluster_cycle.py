@@ -21,7 +21,8 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from sshd_cluster import REPO, free_port, missing_tools, sshd_host  # noqa: E402
+from net import free_port  # noqa: E402
+from sshd_cluster import REPO, missing_tools, sshd_host  # noqa: E402
 
 
 def one_cycle() -> dict[str, float]:

@@ -6,7 +6,8 @@ For a dense and a 50%-pruned Laplacian-like matrix (rows scaled like a PCA-white
 - the reference: textbook Lloyd on all points, unsorted (assignment by binary search on the midpoints, means by
   ``bincount``), same linear init, same number of iterations, at full size;
 - a brute-force argmin Lloyd on a random subsample (``--brute-fraction``), against ours on the same subsample;
-- faiss k-means with its defaults (it subsamples to 256 points per centroid, DESIGN §9).
+- faiss k-means with its defaults (it subsamples to 256 points per centroid:
+  docs/traps.md#faiss-kmeans-subsampling).
 
     python benchmarks/bench_kmeans.py              # full size, ~10 min on 2 cores (the reference dominates)
     python benchmarks/bench_kmeans.py --n 4000000  # quick look
@@ -21,7 +22,7 @@ import os
 import platform
 import time
 
-import faiss  # noqa: I001  (DESIGN §9: faiss before torch)
+import faiss  # noqa: I001  (faiss before torch: docs/traps.md#faiss-before-torch)
 import numpy as np
 import torch
 from torch import nn

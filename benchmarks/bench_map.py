@@ -19,7 +19,7 @@ import faiss  # noqa: F401  (faiss before anything that might bring another Open
 import numpy as np
 
 from trainables.retrieval.metrics import mean_average_precision, revisited_map
-from trainables.retrieval.search import rank_database
+from trainables.retrieval.rank import rank_database
 
 # Approximate good+ok counts of the 11 Oxford5k landmarks (all_souls, ashmolean, balliol, bodleian, christ_church,
 # cornmarket, hertford, keble, magdalen, pitt_rivers, radcliffe_camera).

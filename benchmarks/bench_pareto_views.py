@@ -22,7 +22,10 @@ try:
 except ImportError:  # run from a checkout that is not installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dashboards.views import plot_pareto_png, poster_reference, write_pareto_csv, write_pareto_html
+from dashboards.pareto_csv import write_pareto_csv
+from dashboards.pareto_html import write_pareto_html
+from dashboards.pareto_png import plot_pareto_png
+from dashboards.poster_reference import poster_reference
 from sweep.pareto import non_dominated_mask, pareto_ranks
 
 

@@ -1,8 +1,8 @@
-"""Serving a released model: how long the search CLI's index takes cold, warm (cached) and after one new file.
+"""Serving a released model: how long the serving CLI's index takes cold, warm (cached) and after one new file.
 
 Builds a compressed artifact of the CPU demo's architecture (tiny backbone, K=16, whitening to 256, 4-bit k-means,
 half the weights pruned; random weights, so only the timings mean anything), copies the synthetic test split's
-database images into a temporary folder and times `trainables.retrieval.index.open_index` and one query there.
+database images into a temporary folder and times `trainables.serving.index.open_index` and one query there.
 
     python benchmarks/bench_serving.py [--image-size 128] [--threads 1] [--repeats 3]
 """
@@ -23,9 +23,11 @@ import torch
 from trainables.compression.codec import load_compressed, save_compressed
 from trainables.compression.prune import apply_mask
 from trainables.compression.quantize import quantize_module
+from trainables.contract import ARTIFACT_FILE
 from trainables.data.synthetic import ensure_synthetic
+from trainables.fileio import file_sha256
 from trainables.netvlad.model import build_netvlad
-from trainables.retrieval.index import describe_query, file_sha256, open_index
+from trainables.serving.index import describe_query, open_index
 
 
 def demo_artifact(path: Path, image_size: int) -> None:
@@ -67,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     src = ensure_synthetic() / "test" / "jpg"
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        artifact = tmp / "model.vlad.safetensors"
+        artifact = tmp / ARTIFACT_FILE
         demo_artifact(artifact, args.image_size)
         model = load_compressed(artifact)
         key = file_sha256(artifact)

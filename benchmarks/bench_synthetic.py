@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 
 from trainables.data.registry import load_dataset
-from trainables.data.synthetic import baseline_map, ensure_synthetic, synthetic_root
+from trainables.data.synthetic import ensure_synthetic, synthetic_root
+from trainables.retrieval.baselines import baseline_map
 
 
 def _du(path: Path) -> int:

@@ -12,7 +12,7 @@ File shape (every shipped file repeats it in its header comment)::
     fixed:                                               # the same value in every trial
       l1_steps: 20
 
-Parameter names, types and domains come from ``search_spaces.params.TRIAL_PARAMS``; anything a trial would
+Parameter names, types and domains come from ``trainables.contract.TRIAL_PARAMS``; anything a trial would
 reject is rejected here, with the file, line, dotted key, value and what is allowed, all problems at once.
 Floats such as ``1e-3`` are read as numbers (YAML 1.2), not as the strings PyYAML's YAML 1.1 makes of them.
 """
@@ -32,7 +32,7 @@ import optuna
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from search_spaces.params import GROUPS, TRIAL_PARAMS, ParamSpec, TrialConfigError, resolve_params
+from trainables.contract import GROUPS, TRIAL_PARAMS, ParamSpec, TrialConfigError, resolve_params
 
 SAMPLER_TYPES = ("tpe", "nsga2", "grid", "random")
 TOP_LEVEL_KEYS = ("description", "sampler", "num_samples", "params", "fixed")

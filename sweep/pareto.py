@@ -3,7 +3,9 @@
 Pure Python over plain rows (dicts), so the driver, the release command and the dashboards share one definition.
 A row takes part when its ``status`` is ``"ok"`` (or has no ``status``) and every objective is a finite number;
 the others are never on the front and get no rank. Ties: a row is dominated only by a row at least as good on
-every objective and strictly better on one, so identical rows are all on the front together.
+every objective and strictly better on one (`dominates`), so identical rows are all on the front together.
+Objectives default to the trial contract's (``trainables.contract.OBJECTIVES``: the validation mAP up, file
+size down); the test mAP is never an objective, so no front is decided on test.
 """
 
 from __future__ import annotations
@@ -12,8 +14,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-#: The sweep's objectives: retrieval mAP up, artifact size down.
-DEFAULT_OBJECTIVES: Mapping[str, str] = {"mAP": "max", "memory_mib": "min"}
+from trainables.contract import OBJECTIVES
 
 
 def _vector(row: Mapping[str, Any], objectives: Mapping[str, str]) -> tuple[float, ...] | None:
@@ -31,7 +32,7 @@ def _vector(row: Mapping[str, Any], objectives: Mapping[str, str]) -> tuple[floa
 
 def _check_objectives(objectives: Mapping[str, str]) -> None:
     if not objectives:
-        raise ValueError("objectives: give at least one, e.g. {'mAP': 'max', 'memory_mib': 'min'}")
+        raise ValueError(f"objectives: give at least one, e.g. {dict(OBJECTIVES)!r}")
     for key, direction in objectives.items():
         if direction not in ("max", "min"):
             raise ValueError(f"objectives[{key!r}] = {direction!r}: use 'max' or 'min'")
@@ -39,6 +40,14 @@ def _check_objectives(objectives: Mapping[str, str]) -> None:
 
 def _dominates(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
     return all(x <= y for x, y in zip(a, b)) and any(x < y for x, y in zip(a, b))
+
+
+def dominates(a: Mapping[str, Any], b: Mapping[str, Any], objectives: Mapping[str, str] = OBJECTIVES) -> bool:
+    """True when row ``a`` dominates row ``b``: both take part, ``a`` is at least as good on every objective and
+    strictly better on one. The rule every front of this module is built on."""
+    _check_objectives(objectives)
+    va, vb = _vector(a, objectives), _vector(b, objectives)
+    return va is not None and vb is not None and _dominates(va, vb)
 
 
 def _front_2d(order: list[int], vectors: Sequence[tuple[float, ...] | None]) -> set[int]:
@@ -65,7 +74,7 @@ def _front_2d(order: list[int], vectors: Sequence[tuple[float, ...] | None]) -> 
 
 
 def pareto_ranks(
-    points: Sequence[Mapping[str, Any]], objectives: Mapping[str, str] = DEFAULT_OBJECTIVES
+    points: Sequence[Mapping[str, Any]], objectives: Mapping[str, str] = OBJECTIVES
 ) -> list[int | None]:
     """Non-dominated sorting: 0 for the front, 1 for the front once it is removed, …; ``None`` for rows that
     cannot take part (status not ok, an objective missing or not finite). Two objectives: a sort and a sweep per
@@ -111,7 +120,7 @@ def pareto_ranks(
 
 
 def non_dominated_mask(
-    points: Sequence[Mapping[str, Any]], objectives: Mapping[str, str] = DEFAULT_OBJECTIVES
+    points: Sequence[Mapping[str, Any]], objectives: Mapping[str, str] = OBJECTIVES
 ) -> list[bool]:
     """True for each row on the Pareto front (rank 0); rows that cannot take part are False."""
     _check_objectives(objectives)
@@ -127,7 +136,7 @@ def non_dominated_mask(
 
 def pareto_front(
     points: Sequence[Mapping[str, Any]],
-    objectives: Mapping[str, str] = DEFAULT_OBJECTIVES,
+    objectives: Mapping[str, str] = OBJECTIVES,
     sort_by: str | None = None,
 ) -> list[Mapping[str, Any]]:
     """The front's rows, sorted by ``sort_by`` (default: the last objective, i.e. memory, ascending)."""

@@ -4,25 +4,32 @@
         [--list | --max-map-drop X | --max-memory-mib M | --run-id ID] [--name MODEL] [--alias release] [--force]
 
 The sweep is read back from MLflow in the layout `sweep.tracking` writes: the parent run (tag
-``vladsweep.role = sweep``; the latest one of the experiment unless ``--parent-run-id``), its child runs (one per
-trial: metrics ``mAP``, ``mAP_drop``, ``memory_mib``, …; tags ``status`` and ``pareto``) and, for front members, the
-compressed file under ``model/``. Picks:
+``vladsweep.role = sweep``; the latest one of the experiment unless ``--parent-run-id``; metrics: the base's mAP on
+validation and test, and the baselines ``baseline_<name>_val``), its child runs (one per trial: metrics
+``val_mAP``, ``test_mAP``, ``val_mAP_drop``, ``test_mAP_drop``, ``memory_mib``, …; tags ``status`` and ``pareto``)
+and, for front members, the compressed file under ``model/``.
 
-- ``--max-map-drop X`` (``0.02`` or ``2%``): the smallest front member whose relative mAP drop from the base is ≤ X;
-- ``--max-memory-mib M``: the front member with the best mAP within M MiB;
+Every decision reads validation only — the front (the ``pareto`` tag), the picks, the baseline check; the test
+split's mAP and drop are shown beside, never used to choose. Picks:
+
+- ``--max-map-drop X`` (``0.02`` or ``2%``): the smallest front member whose relative val-mAP drop from the base is
+  ≤ X;
+- ``--max-memory-mib M``: the front member with the best val mAP within M MiB;
 - ``--run-id ID``: that trial; refused (with the front members that dominate it) unless ``--force`` when it is not
   on the front.
 
+Whatever the pick, a trial whose val mAP is below the best zero-byte baseline (random ranking, thumbnails, colour
+histogram: no model bytes at all) is refused unless ``--force``: no bytes would do better.
+
 The chosen ``model/`` folder is downloaded and decoded once (a damaged file is never released), then registered as
 a version of the registered model ``--name`` with the trial's metrics and config as tags, and ``--alias`` is pointed
-at it. The last line printed is the ``models:/NAME@ALIAS`` URI that ``python -m trainables.retrieval.search --model``
+at it. The last line printed is the ``models:/NAME@ALIAS`` URI that ``python -m trainables.serving --model``
 serves. Without a pick the front is printed as a table.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import math
 import os
 import sys
@@ -32,18 +39,51 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sweep.pareto import non_dominated_mask
+from mlflow.artifacts import download_artifacts
+from mlflow.exceptions import MlflowException
 
-#: The tag `sweep.tracking` puts on a sweep's runs ("sweep" on the parent). Repeated here rather than imported:
-#: sweep.tracking imports Ray Tune (5 s), which a release never needs; tests/test_release.py checks they agree.
-ROLE_TAG = "vladsweep.role"
+from sweep.pareto import dominates, non_dominated_mask
+from sweep.tracking import (
+    ARTIFACT_DIR,
+    BASE_KEY,
+    BASE_MAP_METRIC,
+    BASE_MEMORY_METRIC,
+    BASE_TEST_MAP_METRIC,
+    PARENT_TAG,
+    PARETO_TAG,
+    ROLE_SWEEP,
+    ROLE_TAG,
+    STATUS_FINISHED,
+    STATUS_TAG,
+    TEST,
+    TRIAL_ID_TAG,
+    VAL,
+    open_client,
+    resolve_tracking_uri,
+)
+from trainables.contract import (
+    ARTIFACT_FILE,
+    BASELINES,
+    DROP_KEY,
+    MAP_KEY,
+    MEMORY_KEY,
+    RATIO_KEY,
+    TEST_DROP_KEY,
+    TEST_MAP_KEY,
+    ZERO_BYTE_BASELINES,
+    baseline_metric,
+)
+from trainables.fileio import file_sha256
 
 __all__ = [
     "DEFAULT_ALIAS",
     "DEFAULT_MODEL_NAME",
+    "BASE_TEST_MAP_METRIC",
     "ReleaseError",
     "Sweep",
     "Trial",
+    "below_baseline",
+    "check_baseline",
     "dominating",
     "front_table",
     "main",
@@ -57,11 +97,10 @@ __all__ = [
 
 DEFAULT_MODEL_NAME = "vladsweep-netvlad"
 DEFAULT_ALIAS = "release"
-#: Where `sweep.tracking` logs a front member's files, and the compressed file's name there.
-ARTIFACT_DIR = "model"
-ARTIFACT_NAME = "model.vlad.safetensors"
+#: The compressed file of a front member, as `sweep.tracking` logs it in the trial's child run.
+ARTIFACT_PATH = f"{ARTIFACT_DIR}/{ARTIFACT_FILE}"
 #: Bookkeeping params (the base model's cache key) left out of the table's config column, like ``*_steps``.
-_NOT_CONFIG = ("base_key",)
+_NOT_CONFIG = (BASE_KEY,)
 
 
 class ReleaseError(RuntimeError):
@@ -80,46 +119,62 @@ class Trial:
     params: dict[str, str]
     artifact_uri: str
     base_map: float | None = None
+    base_test_map: float | None = None
     tags: dict[str, str] = field(default_factory=dict)
 
     @property
     def finished(self) -> bool:
-        return self.status == "FINISHED"
+        return self.status == STATUS_FINISHED
 
     @property
     def map(self) -> float:
-        return self.metrics.get("mAP", math.nan)
+        """The objective: the mAP on the validation splits."""
+        return self.metrics.get(MAP_KEY, math.nan)
+
+    @property
+    def test_map(self) -> float:
+        """The mAP on the test splits, reported beside, never chosen on."""
+        return self.metrics.get(TEST_MAP_KEY, math.nan)
 
     @property
     def memory_mib(self) -> float:
-        return self.metrics.get("memory_mib", math.nan)
+        return self.metrics.get(MEMORY_KEY, math.nan)
 
     @property
     def ratio(self) -> float:
-        return self.metrics.get("compression_ratio", math.nan)
+        return self.metrics.get(RATIO_KEY, math.nan)
 
     @property
     def map_drop(self) -> float:
-        """Relative drop from the base mAP (0.02 = 2 %), as the trial logged it or from the parent's base_mAP."""
-        if "mAP_drop" in self.metrics:
-            return self.metrics["mAP_drop"]
-        if self.base_map and self.base_map > 0:
-            return (self.base_map - self.map) / self.base_map
-        return math.nan
+        """Relative val-mAP drop from the base (0.02 = 2 %), as the trial logged it or from the parent's base mAP."""
+        return _drop(self.metrics.get(DROP_KEY), self.map, self.base_map)
+
+    @property
+    def test_drop(self) -> float:
+        """Relative test-mAP drop from the base on the test splits, likewise."""
+        return _drop(self.metrics.get(TEST_DROP_KEY), self.test_map, self.base_test_map)
 
     def point(self) -> dict[str, Any]:
         """The row `sweep.pareto` reads."""
         return {
             "status": "ok" if self.finished else self.status.lower(),
-            "mAP": self.map,
-            "memory_mib": self.memory_mib,
+            MAP_KEY: self.map,
+            MEMORY_KEY: self.memory_mib,
         }
 
     def summary(self) -> str:
         return (
-            f"trial {self.trial_id} (run {self.run_id}): mAP {self.map:.4f}, drop {_pct(self.map_drop)}, "
-            f"{self.memory_mib:.4f} MiB"
+            f"trial {self.trial_id} (run {self.run_id}): {MAP_KEY} {self.map:.4f} (test {_num(self.test_map)}), "
+            f"drop {_pct(self.map_drop)} (test {_pct(self.test_drop)}), {self.memory_mib:.4f} MiB"
         )
+
+
+def _drop(logged: float | None, value: float, base: float | None) -> float:
+    if logged is not None:
+        return logged
+    if base and base > 0:
+        return (base - value) / base
+    return math.nan
 
 
 @dataclass
@@ -134,7 +189,21 @@ class Sweep:
     tracking_uri: str
     trials: list[Trial] = field(default_factory=list)
     base_map: float | None = None
+    base_test_map: float | None = None
     base_memory_mib: float | None = None
+    #: name -> mAP on the validation (``baselines``) and test (``test_baselines``) splits, as the parent logged them.
+    baselines: dict[str, float] = field(default_factory=dict)
+    test_baselines: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def best_baseline(self) -> tuple[str, float] | None:
+        """``(name, val mAP)`` of the best zero-byte baseline the parent logged, or None (a sweep logged before
+        baselines existed). The rule of ``trainables.contract.best_zero_byte_baseline``, over the ones logged."""
+        zero_byte = {n: v for n, v in self.baselines.items() if n in ZERO_BYTE_BASELINES and math.isfinite(v)}
+        if not zero_byte:
+            return None
+        name = max(zero_byte, key=lambda n: zero_byte[n])
+        return name, zero_byte[name]
 
     @property
     def front(self) -> list[Trial]:
@@ -157,30 +226,16 @@ def _short(value: str) -> str:
 
 
 def _num(x: float | None) -> str:
-    return "unknown" if x is None else f"{x:.4f}"
+    return "unknown" if x is None or not math.isfinite(x) else f"{x:.4f}"
 
 
 def _pct(x: float) -> str:
     return f"{x:.1%}" if math.isfinite(x) else "n/a"
 
 
-def _client(tracking_uri: str):
-    import mlflow
-
-    return mlflow.MlflowClient(tracking_uri, tracking_uri)
-
-
-def absolute_uri(uri: str) -> str:
-    """A relative sqlite path made absolute: `sweep.tracking.resolve_tracking_uri`'s rule, without importing Ray."""
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        return prefix + os.path.abspath(uri[len(prefix) :])
-    return uri
-
-
 def check_store(tracking_uri: str) -> str:
     """The absolute form of ``tracking_uri``; a sqlite store must already exist (a release reads a sweep)."""
-    uri = absolute_uri(tracking_uri)
+    uri = resolve_tracking_uri(tracking_uri)
     if uri.startswith("sqlite:///"):
         path = Path(uri[len("sqlite:///") :])
         if not path.is_file():
@@ -193,7 +248,7 @@ def check_store(tracking_uri: str) -> str:
 
 def open_sweep(tracking_uri: str, experiment: str, parent_run_id: str | None = None) -> Sweep:
     """Read the sweep: the experiment's latest sweep parent run (or ``parent_run_id``) and its trials."""
-    client = _client(tracking_uri)
+    client = open_client(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         known = [e.name for e in client.search_experiments(max_results=50)]
@@ -203,31 +258,30 @@ def open_sweep(tracking_uri: str, experiment: str, parent_run_id: str | None = N
     if parent_run_id is None:
         parents = client.search_runs(
             [exp.experiment_id],
-            filter_string=f"tags.`{ROLE_TAG}` = 'sweep'",
+            filter_string=f"tags.`{ROLE_TAG}` = '{ROLE_SWEEP}'",
             order_by=["attributes.start_time DESC"],
             max_results=1,
         )
         if not parents:
             raise ReleaseError(
-                f"experiment {experiment!r} has no sweep (no parent run tagged {ROLE_TAG} = 'sweep'). Run "
+                f"experiment {experiment!r} has no sweep (no parent run tagged {ROLE_TAG} = '{ROLE_SWEEP}'). Run "
                 f"`python sweep/run.py --experiment {experiment} --mlflow-uri {tracking_uri}` first."
             )
         parent = parents[0]
     else:
-        from mlflow.exceptions import MlflowException
-
         try:
             parent = client.get_run(parent_run_id)
         except MlflowException as exc:
             raise ReleaseError(f"--parent-run-id {parent_run_id}: no such run in {tracking_uri}") from exc
-        if parent.info.experiment_id != exp.experiment_id or parent.data.tags.get(ROLE_TAG) != "sweep":
+        if parent.info.experiment_id != exp.experiment_id or parent.data.tags.get(ROLE_TAG) != ROLE_SWEEP:
             raise ReleaseError(
                 f"--parent-run-id {parent_run_id}: not a sweep parent run of experiment {experiment!r} (its "
                 f"experiment id is {parent.info.experiment_id}, tag {ROLE_TAG} = "
                 f"{parent.data.tags.get(ROLE_TAG)!r}); list sweeps in the MLflow UI or leave it out for the latest"
             )
     pid = parent.info.run_id
-    base_map = parent.data.metrics.get("base_mAP")
+    metrics = parent.data.metrics
+    base_map, base_test_map = metrics.get(BASE_MAP_METRIC), metrics.get(BASE_TEST_MAP_METRIC)
     sweep = Sweep(
         experiment_id=exp.experiment_id,
         experiment_name=experiment,
@@ -236,13 +290,16 @@ def open_sweep(tracking_uri: str, experiment: str, parent_run_id: str | None = N
         status=parent.info.status,
         tracking_uri=tracking_uri,
         base_map=base_map,
-        base_memory_mib=parent.data.metrics.get("base_memory_mib"),
+        base_test_map=base_test_map,
+        base_memory_mib=metrics.get(BASE_MEMORY_METRIC),
+        baselines={n: metrics[k] for n in BASELINES if (k := baseline_metric(n, VAL)) in metrics},
+        test_baselines={n: metrics[k] for n in BASELINES if (k := baseline_metric(n, TEST)) in metrics},
     )
     page_token = None
     while True:
         page = client.search_runs(
             [exp.experiment_id],
-            filter_string=f"tags.`mlflow.parentRunId` = '{pid}'",
+            filter_string=f"tags.`{PARENT_TAG}` = '{pid}'",
             max_results=1000,
             page_token=page_token,
         )
@@ -251,13 +308,14 @@ def open_sweep(tracking_uri: str, experiment: str, parent_run_id: str | None = N
             sweep.trials.append(
                 Trial(
                     run_id=run.info.run_id,
-                    trial_id=tags.get("trial_id", run.info.run_name or run.info.run_id),
-                    status=tags.get("status", run.info.status),
-                    pareto=tags.get("pareto") == "true",
+                    trial_id=tags.get(TRIAL_ID_TAG, run.info.run_name or run.info.run_id),
+                    status=tags.get(STATUS_TAG, run.info.status),
+                    pareto=tags.get(PARETO_TAG) == "true",
                     metrics=dict(run.data.metrics),
                     params=dict(run.data.params),
                     artifact_uri=run.info.artifact_uri,
                     base_map=base_map,
+                    base_test_map=base_test_map,
                     tags=dict(tags),
                 )
             )
@@ -270,7 +328,7 @@ def open_sweep(tracking_uri: str, experiment: str, parent_run_id: str | None = N
 def _require_front(sweep: Sweep) -> list[Trial]:
     front = sweep.front
     if not front:
-        reconciled = any("pareto" in t.tags for t in sweep.trials)
+        reconciled = any(PARETO_TAG in t.tags for t in sweep.trials)
         raise ReleaseError(
             f"sweep {sweep.name!r} (parent run {sweep.parent_run_id}) has no finished trial on its Pareto front "
             f"({len(sweep.trials)} trials{'' if reconciled else '; none tagged pareto yet'}). Let the sweep finish, "
@@ -305,22 +363,22 @@ def _candidates(trials: Sequence[Trial], key, n: int = 3) -> str:
 
 
 def pick_by_max_drop(sweep: Sweep, max_drop: float) -> Trial:
-    """The smallest front member whose relative mAP drop is ≤ ``max_drop`` (ties: the better mAP)."""
+    """The smallest front member whose relative val-mAP drop is ≤ ``max_drop`` (ties: the better val mAP)."""
     front = _require_front(sweep)
     # The drop is a ratio of two logged floats: "25%" must admit a trial whose drop prints as 25.0% but computed to
     # 0.25000000000000006.
     ok = [t for t in front if math.isfinite(t.map_drop) and t.map_drop <= max_drop + 1e-9]
     if not ok:
         raise ReleaseError(
-            f"no trial on the front of sweep {sweep.name!r} loses at most {_pct(max_drop)} mAP (base mAP "
-            f"{_num(sweep.base_map)}). Closest:\n{_candidates(front, key=lambda t: t.map_drop)}\n"
+            f"no trial on the front of sweep {sweep.name!r} loses at most {_pct(max_drop)} {MAP_KEY} (base "
+            f"{MAP_KEY} {_num(sweep.base_map)}). Closest:\n{_candidates(front, key=lambda t: t.map_drop)}\n"
             "Allow a larger --max-map-drop, or pick one with --run-id."
         )
     return min(ok, key=lambda t: (t.memory_mib, -t.map))
 
 
 def pick_by_max_memory(sweep: Sweep, max_mib: float) -> Trial:
-    """The front member with the best mAP within ``max_mib`` MiB (ties: the smaller file)."""
+    """The front member with the best val mAP within ``max_mib`` MiB (ties: the smaller file)."""
     front = _require_front(sweep)
     ok = [t for t in front if t.memory_mib <= max_mib]
     if not ok:
@@ -333,17 +391,10 @@ def pick_by_max_memory(sweep: Sweep, max_mib: float) -> Trial:
 
 
 def dominating(trial: Trial, sweep: Sweep) -> list[Trial]:
-    """Finished trials at least as good as ``trial`` on mAP and memory and better on one; front members first."""
-    mine = (trial.map, trial.memory_mib)
-    out = [
-        t
-        for t in sweep.trials
-        if t.run_id != trial.run_id
-        and t.finished
-        and t.map >= mine[0]
-        and t.memory_mib <= mine[1]
-        and (t.map > mine[0] or t.memory_mib < mine[1])
-    ]
+    """Finished trials that dominate ``trial`` (`sweep.pareto.dominates`: at least as good on every objective,
+    better on one); front members first."""
+    mine = trial.point()
+    out = [t for t in sweep.trials if t.run_id != trial.run_id and dominates(t.point(), mine)]
     return sorted(out, key=lambda t: (not t.pareto, t.memory_mib, -t.map))
 
 
@@ -386,6 +437,31 @@ def pick_by_run_id(sweep: Sweep, run_id: str, force: bool = False) -> Trial:
     return trial
 
 
+def below_baseline(sweep: Sweep, trial: Trial) -> bool:
+    """Whether ``trial``'s val mAP is below the sweep's best zero-byte baseline (False without baselines)."""
+    best = sweep.best_baseline
+    return best is not None and math.isfinite(trial.map) and trial.map < best[1]
+
+
+def check_baseline(sweep: Sweep, trial: Trial, force: bool = False) -> None:
+    """Refuse ``trial`` when its val mAP is below the best zero-byte baseline, unless ``force`` (then warn)."""
+    if not below_baseline(sweep, trial):
+        return
+    name, value = sweep.best_baseline
+    reason = (
+        f"{trial.summary()} scores below the best zero-byte baseline: {MAP_KEY} {trial.map:.4f} < {value:.4f} for "
+        f"{name}, which needs no model bytes at all"
+    )
+    if not force:
+        raise ReleaseError(
+            f"{reason}. Pick a trial above it (--list marks the front members below it), or pass --force to "
+            "release it anyway."
+        )
+    print(
+        f"warning: releasing a trial below the best zero-byte baseline (--force): {reason}", file=sys.stderr
+    )
+
+
 def _key_params(sweep: Sweep) -> list[str]:
     """Params that differ between the sweep's trials (what the search chose), else every param."""
     names = sorted(
@@ -395,8 +471,13 @@ def _key_params(sweep: Sweep) -> list[str]:
     return varying or names
 
 
+def _cell(x: float | None, width: int) -> str:
+    return f"{_num(x) if x is not None and math.isfinite(x) else '—':>{width}}"
+
+
 def front_table(sweep: Sweep) -> str:
-    """The front as a text table (the base model first), smallest file first."""
+    """The front as a text table, smallest file first: the base model and the baselines on top, val mAP (what
+    every decision reads) with test mAP beside, and a mark on front members below the best zero-byte baseline."""
     front = sweep.front
     done = sum(t.finished for t in sweep.trials)
     lines = [
@@ -404,40 +485,62 @@ def front_table(sweep: Sweep) -> str:
         f"({sweep.status}); {len(sweep.trials)} trials, {done} finished, {len(front)} on the Pareto front",
     ]
     keys = _key_params(sweep)
-    header = f"{'run_id':<34}{'trial':<14}{'memory_mib':>11}{'ratio':>8}{'mAP':>9}{'mAP_drop':>10}  config"
+    header = (
+        f"{'run_id':<34}{'trial':<14}{'memory_mib':>11}{'ratio':>8}{MAP_KEY:>9}{'val_drop':>10}"
+        f"{TEST_MAP_KEY:>10}{'test_drop':>11}  config"
+    )
     lines += [header, "-" * len(header)]
     if sweep.base_map is not None and sweep.base_memory_mib is not None:
         lines.append(
             f"{'(base model)':<34}{'':<14}{sweep.base_memory_mib:>11.4f}{1.0:>8.1f}{sweep.base_map:>9.4f}"
-            f"{_pct(0.0):>10}  dense fp32"
+            f"{_pct(0.0):>10}{_cell(sweep.base_test_map, 10)}{_pct(0.0):>11}  dense fp32"
+        )
+    best = sweep.best_baseline
+    for name, value in sweep.baselines.items():
+        kind = (
+            "zero-byte baseline" if name in ZERO_BYTE_BASELINES else "baseline (the network, not fine-tuned)"
+        )
+        mark = ", the best zero-byte" if best and name == best[0] else ""
+        lines.append(
+            f"{f'({name})':<34}{'':<14}{'':>11}{'':>8}{value:>9.4f}{'':>10}"
+            f"{_cell(sweep.test_baselines.get(name), 10)}{'':>11}  {kind}{mark}"
         )
     for t in front:
         config = " ".join(f"{k}={_short(t.params[k])}" for k in keys if k in t.params)
+        mark = f"BELOW {best[0]}  " if below_baseline(sweep, t) else ""
         lines.append(
             f"{t.run_id:<34}{t.trial_id:<14}{t.memory_mib:>11.4f}{t.ratio:>8.1f}{t.map:>9.4f}"
-            f"{_pct(t.map_drop):>10}  {config}"
+            f"{_pct(t.map_drop):>10}{_cell(t.test_map, 10)}{_pct(t.test_drop):>11}  {mark}{config}"
         )
+    if best:
+        n_below = sum(below_baseline(sweep, t) for t in front)
+        lines.append(
+            f"\nselection reads {MAP_KEY} only; {TEST_MAP_KEY} is shown beside. Best zero-byte baseline: {best[0]} "
+            f"({MAP_KEY} {best[1]:.4f}); {n_below} front member{'s' if n_below != 1 else ''} below it (marked "
+            "BELOW), which a release refuses without --force."
+        )
+    else:
+        lines.append(f"\nselection reads {MAP_KEY} only; {TEST_MAP_KEY} is shown beside.")
     return "\n".join(lines)
 
 
 def _fetch_and_check(client, trial: Trial, work: Path) -> tuple[Path, str, dict[str, Any]]:
     """Download the trial's ``model/`` file, decode it whole (checksums, architecture), and return
     ``(path, sha256, header meta)``: a release never points at a file that does not load."""
-    import mlflow
-
+    # Lazy: the codec brings torch (seconds of start-up), which listing a front or a refused pick never needs.
     from trainables.compression.codec import CodecError, load_compressed
 
     names = [a.path for a in client.list_artifacts(trial.run_id, ARTIFACT_DIR)]
-    if f"{ARTIFACT_DIR}/{ARTIFACT_NAME}" not in names:
+    if ARTIFACT_PATH not in names:
         raise ReleaseError(
-            f"{trial.summary()} has no {ARTIFACT_DIR}/{ARTIFACT_NAME} artifact (it has: {', '.join(names) or 'none'}). "
+            f"{trial.summary()} has no {ARTIFACT_PATH} artifact (it has: {', '.join(names) or 'none'}). "
             "Only front members get their file logged; run `python sweep/run.py --sync …` if the sweep's MLflow "
             "record is incomplete."
         )
     local = Path(
-        mlflow.artifacts.download_artifacts(
+        download_artifacts(
             run_id=trial.run_id,
-            artifact_path=f"{ARTIFACT_DIR}/{ARTIFACT_NAME}",
+            artifact_path=ARTIFACT_PATH,
             dst_path=str(work),
             tracking_uri=client.tracking_uri,
         )
@@ -448,15 +551,7 @@ def _fetch_and_check(client, trial: Trial, work: Path) -> tuple[Path, str, dict[
         raise ReleaseError(
             f"{trial.summary()}: its artifact does not load, refusing to release it: {exc}"
         ) from exc
-    return local, _sha256(local), dict(model.compression_meta.get("meta", {}))
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return local, file_sha256(local), dict(model.compression_meta.get("meta", {}))
 
 
 def _tag(value: Any) -> str:
@@ -472,9 +567,8 @@ def register(
 ):
     """Register ``trial``'s ``model/`` folder as a version of ``name`` (reusing the version when this run is already
     registered there), point ``alias`` at it, and return the ``ModelVersion``."""
-    from mlflow.exceptions import MlflowException
-
-    client = _client(sweep.tracking_uri)
+    client = open_client(sweep.tracking_uri)
+    below = below_baseline(sweep, trial)
     source = f"{trial.artifact_uri.rstrip('/')}/{ARTIFACT_DIR}"
     with tempfile.TemporaryDirectory(prefix="vladsweep-release-") as work:
         _, sha, meta = _fetch_and_check(client, trial, Path(work))
@@ -498,27 +592,33 @@ def register(
     else:
         base = meta.get("base", {}) if isinstance(meta.get("base"), dict) else {}
         tags = {
-            "trial_id": trial.trial_id,
+            TRIAL_ID_TAG: trial.trial_id,
             "sweep": sweep.name,
             "sweep_parent_run_id": sweep.parent_run_id,
             "experiment": sweep.experiment_name,
-            "artifact": f"{ARTIFACT_DIR}/{ARTIFACT_NAME}",
+            "artifact": ARTIFACT_PATH,
             "artifact_sha256": sha,
-            "pareto": "true" if trial.pareto else "false",
-            "forced": "true" if forced and not trial.pareto else "false",
+            PARETO_TAG: "true" if trial.pareto else "false",
+            "below_zero_byte_baseline": "true" if below else "false",
+            "forced": "true" if forced and (below or not trial.pareto) else "false",
             **{k: repr(float(v)) for k, v in sorted(trial.metrics.items())},
             **{f"config.{k}": v for k, v in sorted(trial.params.items())},
             **{f"base.{k}": v for k, v in sorted(base.items()) if k in ("image_size", "backbone", "dataset")},
         }
         if sweep.base_map is not None:
-            tags["base_mAP"] = repr(float(sweep.base_map))
+            tags[BASE_MAP_METRIC] = repr(float(sweep.base_map))
+        if sweep.base_test_map is not None:
+            tags[BASE_TEST_MAP_METRIC] = repr(float(sweep.base_test_map))
+        if sweep.best_baseline:
+            tags["best_zero_byte_baseline"] = f"{sweep.best_baseline[0]}={sweep.best_baseline[1]!r}"
         version = client.create_model_version(
             name,
             source=source,
             run_id=trial.run_id,
             tags={k: _tag(v) for k, v in tags.items()},
             description=(
-                f"trial {trial.trial_id} of sweep {sweep.name}: mAP {trial.map:.4f} (drop {_pct(trial.map_drop)}), "
+                f"trial {trial.trial_id} of sweep {sweep.name}: {MAP_KEY} {trial.map:.4f} (drop "
+                f"{_pct(trial.map_drop)}), {TEST_MAP_KEY} {_num(trial.test_map)} (drop {_pct(trial.test_drop)}), "
                 f"{trial.memory_mib:.4f} MiB ({trial.ratio:.1f}x smaller than dense fp32)"
             ),
         )
@@ -539,13 +639,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--list", action="store_true", help="print the front and exit (the default without a pick)"
     )
     pick.add_argument(
-        "--max-map-drop", metavar="X", help="smallest model losing at most X of the base mAP (0.02 or 2%%)"
+        "--max-map-drop",
+        metavar="X",
+        help=f"smallest model losing at most X of the base's {MAP_KEY} (0.02 or 2%%)",
     )
-    pick.add_argument("--max-memory-mib", metavar="M", type=float, help="best mAP within M MiB")
+    pick.add_argument("--max-memory-mib", metavar="M", type=float, help=f"best {MAP_KEY} within M MiB")
     pick.add_argument("--run-id", help="this trial's child run")
     p.add_argument("--name", default=DEFAULT_MODEL_NAME, help="registered model name")
     p.add_argument("--alias", default=DEFAULT_ALIAS, help="alias to point at the new version")
-    p.add_argument("--force", action="store_true", help="release a --run-id that is not on the front")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="release a --run-id that is not on the front, or a trial below the best zero-byte baseline",
+    )
     return p
 
 
@@ -554,8 +660,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # One small file: MLflow's download progress bar is noise in a command's output.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    from mlflow.exceptions import MlflowException
-
     try:
         uri = check_store(args.mlflow_uri)
         sweep = open_sweep(uri, args.experiment, args.parent_run_id)
@@ -573,6 +677,7 @@ def main(argv: list[str] | None = None) -> int:
             print(front_table(sweep))
             print("\npick one: --max-map-drop 2% | --max-memory-mib M | --run-id RUN_ID")
             return 0
+        check_baseline(sweep, trial, force=args.force)
         version = register(sweep, trial, args.name, args.alias, forced=args.force)
     except ReleaseError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -584,9 +689,9 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"released {trial.summary()}\n  as version {version.version} of registered model {args.name!r} "
         f"(alias {args.alias!r}); source {version.source}\n"
-        f"  serve:    python -m trainables.retrieval.search --model {model_uri} --mlflow-uri {uri} "
+        f"  serve:    python -m trainables.serving --model {model_uri} --mlflow-uri {uri} "
         "--database DIR --query IMAGE\n"
-        f"  evaluate: python -m trainables.retrieval.search --model {model_uri} --mlflow-uri {uri} "
+        f"  evaluate: python -m trainables.serving --model {model_uri} --mlflow-uri {uri} "
         "--evaluate DATASET\n"
         f"{model_uri}"
     )

@@ -3,26 +3,44 @@
 
 With no arguments it runs the embedded default — the synthetic landmark set, the small backbone and the ``smoke``
 search space on a local Ray — in minutes on a CPU. On a cluster: ``ray submit cluster/gpu.yaml sweep/run.py -- …``
-(Ray copies only this file, so it must run as a plain file and import the installed package, never relatively).
+(Ray copies only this file, so it must run as a plain file and import the installed package, never relatively:
+docs/traps.md#ray-submit-copies-one-file).
 
-Order of work: validate everything a user can get wrong (search space, dataset, MLflow URI, storage) before Ray
-starts; build the base model once; run the trials; reconcile MLflow with Ray's results; print the Pareto front.
+Order of work (``_run``): validate everything a user can get wrong (search space, base model, dataset, MLflow URI,
+storage) before Ray starts; start Ray; build the base model once; open the MLflow parent run; run the trials;
+reconcile MLflow with Ray's results; print the Pareto front.
+
+Ctrl-C (``Interrupts``) stops the sweep at any step within seconds: the step's own KeyboardInterrupt (or Ray
+Tune's graceful stop during the trials), then the local Ray is shut down and one line says what was kept and the
+``--resume`` command that continues; a second Ctrl-C exits at once (exit status 130 either way).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import math
 import os
+import shlex
+import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from importlib.resources import files
 from pathlib import Path
+from typing import Any
 
-# DESIGN §9: keep local Ray on loopback unless the user set it otherwise. Must happen before Ray is imported.
+# Both variables are read when Ray is imported, so they are set before any import below can pull Ray in; a user's
+# own value wins. Keep local Ray on loopback (docs/traps.md#ray-on-loopback). A trial reports after every stage
+# but only the last report has the objectives; Tune's strict check would reject the others
+# (docs/traps.md#strict-metric-checking).
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-# A trial reports after every stage (each report carries the stage's checkpoint) but only the last report has the
-# objectives; Tune's strict check would reject the intermediate ones. Optuna sees only the last report anyway.
 os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
 
 try:
@@ -30,11 +48,32 @@ try:
 except ImportError:  # run from a checkout that is not installed: `python sweep/run.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import faiss  # noqa: E402,F401  (DESIGN §9: faiss before torch)
+import faiss  # noqa: E402,F401  before torch: both bring OpenMP (docs/traps.md#faiss-before-torch)
+import pyarrow.fs as pafs  # noqa: E402
+import ray  # noqa: E402
 
-from search_spaces.schema import SearchSpaceError, load_search_space  # noqa: E402
+from dashboards.poster_reference import poster_reference  # noqa: E402
+from search_spaces.schema import SearchSpace, SearchSpaceError, load_search_space  # noqa: E402
 from sweep import storage as sweep_storage  # noqa: E402
 from sweep import tracking  # noqa: E402
+from sweep.base_cache import ensure_base  # noqa: E402
+from trainables.base import (  # noqa: E402
+    BaseConfig,
+    add_base_arguments,
+    base_config_from_args,
+    describe_base_config,
+)
+from trainables.contract import (  # noqa: E402
+    DROP_KEY,
+    MAP_KEY,
+    MEMORY_KEY,
+    RATIO_KEY,
+    TEST_DROP_KEY,
+    TEST_MAP_KEY,
+    best_zero_byte_baseline,
+)
+from trainables.data.oxford import DatasetError  # noqa: E402
+from trainables.data.registry import load_dataset  # noqa: E402
 
 logger = logging.getLogger("vladsweep")
 
@@ -45,19 +84,29 @@ DEFAULT_SPACE = Path(__file__).resolve().parents[1] / "search_spaces" / "smoke.y
 #: 3 the trials ran and their results are in --storage, but MLflow went away mid-sweep (bring it back, then --sync).
 EXIT_USAGE = 2
 EXIT_TRACKING_BEHIND = 3
+#: Stopped by Ctrl-C (128 + SIGINT, as a shell reports it).
+EXIT_INTERRUPTED = 130
+
+#: The sweep folder's mark that a sweep was started (written before the base build), so ``--resume`` also
+#: continues a sweep stopped before Ray Tune wrote any state of it.
+STARTED_FILE = ".vladsweep-started.json"
 
 
 class UsageError(RuntimeError):
     """A command-line value that cannot work; the message says what would."""
 
 
-def _package_space(name: str) -> Path:
-    from importlib.resources import files
+class TrackingBehind(RuntimeError):
+    """The trials ended and their results are in storage, but MLflow could not be updated; the message says how
+    to catch up."""
 
+
+def _package_space(name: str) -> Path:
     return Path(str(files("search_spaces") / name))
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line; the base-model flags come from `trainables.base.add_base_arguments`."""
     p = argparse.ArgumentParser(
         prog="sweep/run.py",
         description=__doc__.split("\n\n")[0],
@@ -101,32 +150,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--experiment", default="vladsweep", help="MLflow experiment name")
     p.add_argument(
-        "--dataset",
-        default="synthetic",
-        choices=["synthetic", "paris6k", "oxford5k", "rparis6k", "roxford5k"],
-        help="training set of the base (cross protocol: Paris trains → Oxford tests, and the reverse)",
-    )
-    p.add_argument("--data-root", default=None, help="folder holding the datasets (not needed for synthetic)")
-    p.add_argument(
-        "--backbone",
-        default=None,
-        choices=["tiny", "alexnet", "vgg16"],
-        help="backbone (default: tiny for synthetic, alexnet otherwise)",
-    )
-    p.add_argument(
-        "--weights", default=None, help="backbone weights: 'imagenet' (torchvision cache) or a file path"
-    )
-    p.add_argument("--base-steps", type=int, default=None, help="triplet fine-tune steps of the base model")
-    p.add_argument("--seed", type=int, default=0, help="seed for the sampler, data and training")
-    p.add_argument(
         "--ray-address", default=None, help="Ray cluster to join (default: auto on a cluster, else local)"
     )
     p.add_argument("--max-failures", type=int, default=2, help="retries of a failed trial")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    # --lr would read as the trials' learning rate (a search-space parameter): the base's is --base-lr.
+    add_base_arguments(p, steps_flag="--base-steps", lr_flag="--base-lr")
     return p
 
 
 def resolve_space_path(value: str) -> Path:
+    """``--search-space``: a path, or the name of a space shipped in ``search_spaces/``."""
     path = Path(value)
     if path.exists():
         return path
@@ -139,43 +173,22 @@ def resolve_space_path(value: str) -> Path:
     )
 
 
-def base_config_from_args(args: argparse.Namespace):
-    """The base model's config: the embedded CPU default for synthetic data, the poster's model for real data."""
-    from trainables.base import BaseConfig
-
-    backbone = args.backbone or ("tiny" if args.dataset == "synthetic" else "alexnet")
-    values: dict = {
-        "dataset": args.dataset,
-        "data_root": args.data_root,
-        "backbone": backbone,
-        "seed": args.seed,
-    }
-    if args.dataset != "synthetic":
-        if not args.data_root:
-            raise UsageError(
-                f"--dataset {args.dataset} needs --data-root (the folder that holds {args.dataset}/)"
-            )
-        # The poster's model: K=64 clusters, PCA-4096 whitening, full-size images (a GPU job).
-        values.update(num_clusters=64, whitening_dim=4096, image_size=1024)
-    if args.weights is not None:
-        values["weights"] = args.weights
-    if args.base_steps is not None:
-        values["steps"] = args.base_steps
+def resolve_base(args: argparse.Namespace) -> tuple[BaseConfig, str]:
+    """The base model's config and preset name from the base flags (`trainables.base` holds every default)."""
     try:
-        return BaseConfig(**values)
+        return base_config_from_args(args)
     except ValueError as exc:
         raise UsageError(f"base model: {exc}") from exc
 
 
-def check_datasets(base_config) -> None:
+def check_datasets(base_config: BaseConfig) -> None:
     """Open every dataset the sweep will read, so a missing file is reported before Ray starts."""
-    from trainables.data.registry import load_dataset
-
-    for name in [base_config.train_split, *base_config.test_splits]:
+    for name in [base_config.train_split, *base_config.eval_splits]:
         load_dataset(name, base_config.data_root)
 
 
 def code_version() -> str:
+    """The installed package's version plus the checkout's short git commit, when there is one."""
     try:
         sha = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],
@@ -186,8 +199,6 @@ def code_version() -> str:
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         sha = ""
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         pkg = version("vladsweep")
     except PackageNotFoundError:
@@ -198,8 +209,6 @@ def code_version() -> str:
 def init_ray(address: str | None, num_cpus: int | None = None) -> None:
     """Join ``address`` when given; otherwise ``ray.init()``'s own rule: RAY_ADDRESS, else the cluster that
     `ray start` recorded on this machine (the head under `ray submit`), else a new local Ray."""
-    import ray
-
     if ray.is_initialized():
         return
     if address:
@@ -217,61 +226,64 @@ def tracking_outage(tracking_uri: str) -> str | None:
     return None
 
 
-def print_front(rows: list[dict], base_meta: dict, tracking_uri: str, parent_run_id: str) -> None:
-    front = sorted((r for r in rows if r.get("pareto")), key=lambda r: r["memory_mib"])
-    ok = sum(r["status"] == "ok" for r in rows)
-    failed = sum(r["status"] == "failed" for r in rows)
-    print(f"\n{len(rows)} trials: {ok} completed, {failed} failed. Pareto front ({len(front)} points):")
-    header = f"{'trial':<14}{'memory_mib':>11}{'ratio':>8}{'mAP':>8}{'drop':>8}  config"
-    print(header)
-    print("-" * len(header))
-    base_map = base_meta.get("mAP")
-    base_mib = base_meta.get("memory_mib")
-    if base_map is not None and base_mib is not None:
-        print(f"{'(base)':<14}{base_mib:>11.3f}{1.0:>8.1f}{base_map:>8.4f}{0.0:>8.1%}  dense fp32")
-    for r in front:
-        res = r["result"]
-        searched = {k: v for k, v in r["config"].items() if not k.endswith("_steps")}
-        print(
-            f"{r['trial_id']:<14}{r['memory_mib']:>11.3f}{res.get('compression_ratio', float('nan')):>8.1f}"
-            f"{r['mAP']:>8.4f}{res.get('mAP_drop', float('nan')):>8.1%}  {searched}"
-        )
-    print(f"\nMLflow: parent run {parent_run_id} in {tracking_uri}")
-    if tracking_uri.startswith("sqlite:"):
-        print(f"  open the UI:  mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000")
-        print(
-            "  then browse http://127.0.0.1:5000 (chart view: memory_mib vs mAP; filter tags.pareto = 'true')"
-        )
+# ------------------------------------------------------------------------------------------- the steps of _run
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    tracking.limit_http_retries()
-    try:
-        return _run(args)
-    except (
-        UsageError,
-        SearchSpaceError,
-        tracking.TrackingError,
-        sweep_storage.StorageError,
-    ) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except Exception as exc:
-        from trainables.data.oxford import DatasetError
+@dataclass(frozen=True)
+class Plan:
+    """A sweep whose every input was checked: what ``validate`` hands the steps that follow."""
 
-        if isinstance(exc, DatasetError):
-            print(f"error: {exc}", file=sys.stderr)
-            return EXIT_USAGE
-        raise
+    args: argparse.Namespace
+    space: SearchSpace
+    space_path: Path
+    num_samples: int
+    base_config: BaseConfig
+    name: str
+    tracking_uri: str
+    storage: sweep_storage.SweepStorage
 
 
-def _run(args: argparse.Namespace) -> int:
-    # 1. Everything a user can get wrong, before Ray starts.
+@dataclass(frozen=True)
+class Base:
+    """The sweep's base model, ready in storage."""
+
+    location: str
+    #: The base's ``meta.json``; its mAP and file size are under the trial report's names, so the base reads
+    #: as a point of the front like any trial.
+    meta: dict[str, Any]
+    built: bool
+    seconds: float
+
+    def point(self) -> dict[str, Any] | None:
+        """The base as a point of the front's plots (dense fp32), or None when its meta has no mAP."""
+        if self.meta.get(MAP_KEY) is None:
+            return None
+        return {
+            MAP_KEY: self.meta[MAP_KEY],
+            TEST_MAP_KEY: self.meta.get(TEST_MAP_KEY),
+            MEMORY_KEY: self.meta.get(MEMORY_KEY),
+        }
+
+
+@dataclass(frozen=True)
+class ParentRun:
+    """The sweep's MLflow parent run, and the config every child run carries besides the trial's own."""
+
+    experiment_id: str
+    run_id: str
+    fixed_config: dict[str, Any]
+
+
+def show_base(args: argparse.Namespace) -> int:
+    """``--show``: print the resolved base config and start nothing."""
+    config, preset = resolve_base(args)
+    print(describe_base_config(config, preset))
+    return 0
+
+
+def validate(args: argparse.Namespace) -> Plan:
+    """Everything a user can get wrong, before Ray starts; raises `UsageError` (or the input's own error) with
+    what would work. Writes nothing but the storage's probe file, and only once everything else passed."""
     if args.max_concurrent < 1:
         raise UsageError(f"--max-concurrent {args.max_concurrent}: must be at least 1")
     if args.cpus_per_trial <= 0:
@@ -285,129 +297,432 @@ def _run(args: argparse.Namespace) -> int:
     num_samples = args.num_samples if args.num_samples is not None else space.num_samples
     if num_samples < 1:
         raise UsageError(f"--num-samples {num_samples}: must be at least 1")
-    base_config = base_config_from_args(args)
-    name = args.name or f"{space_path.stem}-{args.dataset}-{base_config.backbone}"
+    base_config, _ = resolve_base(args)
+    name = args.name or f"{space_path.stem}-{base_config.dataset}-{base_config.backbone}"
     tracking_uri = tracking.resolve_tracking_uri(args.mlflow_uri)
     # Before the storage probe: a refused start leaves nothing behind in the storage (not even the sweep's folder).
     tracking.check_tracking_uri(tracking_uri)
-    sweep = sweep_storage.SweepStorage.create(args.storage, name)
-    sweep.check_writable()
-    if sweep.has_experiment() and not (args.resume or args.sync):
+    storage = sweep_storage.SweepStorage.create(args.storage, name)
+    storage.check_writable()
+    if storage.has_experiment() and not (args.resume or args.sync):
         raise UsageError(
-            f"a sweep named {name!r} already exists in {sweep.experiment_dir}. Pass --resume to continue it, "
+            f"a sweep named {name!r} already exists in {storage.experiment_dir}. Pass --resume to continue it, "
             "--sync to re-log it to MLflow, or another --name / --storage to start a new one."
         )
-    if (args.resume or args.sync) and not sweep.has_experiment():
+    if (
+        (args.resume or args.sync)
+        and not storage.has_experiment()
+        and not (args.resume and was_started(storage))
+    ):
         raise UsageError(
             f"--{'resume' if args.resume else 'sync'}: no sweep named {name!r} in {args.storage} "
-            f"(looked for {sweep.experiment_dir}/experiment_state*.json). Check --name and --storage."
+            f"(looked for {storage.experiment_dir}/experiment_state*.json). Check --name and --storage."
         )
     check_datasets(base_config)
+    return Plan(args, space, space_path, num_samples, base_config, name, tracking_uri, storage)
 
-    # 2. Ray, the base model, the parent run. `--sync` only reads Ray's files: it needs no Ray (the base is cached).
-    if not args.sync:
-        init_ray(args.ray_address)
-    from sweep.base_cache import base_summary, ensure_base
 
+def _started_path(storage: sweep_storage.SweepStorage) -> tuple[Any, str]:
+    fs, path = sweep_storage.filesystem_for(storage.experiment_dir)
+    return fs, f"{path}/{STARTED_FILE}"
+
+
+def was_started(storage: sweep_storage.SweepStorage) -> bool:
+    """True when a sweep of this name was started in this storage (it may have stopped before any trial)."""
+    fs, path = _started_path(storage)
+    return fs.get_file_info(path).type == pafs.FileType.File
+
+
+def mark_started(plan: Plan) -> None:
+    """Write the sweep folder's ``STARTED_FILE`` (once), so ``--resume`` works from the base build on."""
+    if plan.args.sync or was_started(plan.storage):
+        return
+    fs, path = _started_path(plan.storage)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(path) as stream:
+        stream.write((json.dumps({"name": plan.name, "started": time.time()}) + "\n").encode())
+
+
+def start_ray(plan: Plan) -> None:
+    """Join or start Ray, except for ``--sync``, which only reads Ray's files (and finds the base cached)."""
+    if not plan.args.sync:
+        init_ray(plan.args.ray_address)
+
+
+def prepare_base(plan: Plan) -> Base:
+    """The base model in the sweep's storage: found there, or built once as a Ray task with a trial's resources."""
     t0 = time.monotonic()
-    base_location, base_meta, built = ensure_base(
-        base_config, sweep, cpus=max(args.cpus_per_trial, 1), gpus=args.gpus_per_trial
+    location, meta, built = ensure_base(
+        plan.base_config, plan.storage, cpus=max(plan.args.cpus_per_trial, 1), gpus=plan.args.gpus_per_trial
     )
-    base_seconds = time.monotonic() - t0
-    logger.info("base model ready in %.1f s (%s)", base_seconds, "built" if built else "cached")
-    experiment_id = tracking.ensure_experiment(tracking_uri, args.experiment)
-    parent_params = {
-        "search_space": space.to_dict(),
-        "search_space_file": str(space_path),
-        "base": base_meta.get("config", {}),
+    seconds = time.monotonic() - t0
+    logger.info("base model ready in %.1f s (%s)", seconds, "built" if built else "cached")
+    return Base(location, meta, built, seconds)
+
+
+def open_parent_run(plan: Plan, base: Base) -> ParentRun:
+    """The sweep's MLflow parent run (the same one again on ``--resume``/``--sync``), with the sweep's params
+    and the base model's metrics."""
+    args = plan.args
+    experiment_id = tracking.ensure_experiment(plan.tracking_uri, args.experiment)
+    params = {
+        "search_space": plan.space.to_dict(),
+        "search_space_file": str(plan.space_path),
+        "base": base.meta.get("config", {}),
         "seed": args.seed,
         "code_version": code_version(),
-        "num_samples": num_samples,
+        "num_samples": plan.num_samples,
         "max_concurrent": args.max_concurrent,
         "cpus_per_trial": args.cpus_per_trial,
         "gpus_per_trial": args.gpus_per_trial,
     }
-    parent_run_id = tracking.start_parent_run(
-        tracking_uri,
+    base_key = plan.base_config.key()
+    run_id = tracking.start_parent_run(
+        plan.tracking_uri,
         args.experiment,
-        name,
-        sweep.experiment_dir,
-        parent_params,
-        tags={"base_key": base_config.key(), "base_built_now": str(built).lower()},
+        plan.name,
+        plan.storage.experiment_dir,
+        params,
+        tags={tracking.BASE_KEY: base_key, "base_built_now": str(base.built).lower()},
     )
-    client = tracking._client(tracking_uri)
-    for key, value in base_summary(base_meta).items():
-        client.log_metric(parent_run_id, key, value)
-    # How often this sweep built its base: 1, or 0 when another sweep in the same storage had built it already;
-    # a --resume adds nothing unless the cached base was deleted.
-    builds = int(client.get_run(parent_run_id).data.tags.get("base_builds", "0")) + int(built)
-    client.set_tag(parent_run_id, "base_builds", str(builds))
-    if built:
-        client.log_metric(parent_run_id, "base_build_seconds", base_seconds)
-    fixed_config = {"base_key": base_config.key()}
-    base_point = {"mAP": base_meta.get("mAP"), "memory_mib": base_meta.get("memory_mib")}
+    tracking.record_base(plan.tracking_uri, run_id, base.meta, base.built, base.seconds)
+    return ParentRun(experiment_id, run_id, {tracking.BASE_KEY: base_key})
 
-    # 3. The trials.
-    if not args.sync:
-        from sweep.tuner import build_tuner, restore_tuner
 
-        context = {"base_location": base_location, "data_root": base_config.data_root, "seed": args.seed}
-        if args.resume:
-            tuner = restore_tuner(sweep.experiment_dir, context, args.cpus_per_trial, args.gpus_per_trial)
-        else:
-            tuner = build_tuner(
-                space=space,
-                context=context,
-                storage_root=sweep.root,
-                name=name,
-                num_samples=num_samples,
-                max_concurrent=args.max_concurrent,
-                cpus_per_trial=args.cpus_per_trial,
-                gpus_per_trial=args.gpus_per_trial,
-                seed=args.seed,
-                optuna_url=sweep.optuna_url,
-                callbacks=[tracking.TrialRunLogger(tracking_uri, experiment_id, parent_run_id, fixed_config)],
-                max_failures=args.max_failures,
-            )
-        t_trials = time.monotonic()
+def run_trials(plan: Plan, base: Base, parent: ParentRun) -> float | None:
+    """Run (or, with ``--resume``, continue) the trials; their wall seconds, or None for ``--sync``."""
+    if plan.args.sync:
+        return None
+    # Lazy: Ray Tune and Optuna take seconds to import, which a refused start (exit 2), --show and --sync never
+    # need.
+    from sweep.callbacks import TrialRunLogger
+    from sweep.tuner import build_tuner, restore_tuner
+
+    args = plan.args
+    context = {"base_location": base.location, "data_root": plan.base_config.data_root, "seed": args.seed}
+    if args.resume and plan.storage.has_experiment():
+        tuner = restore_tuner(plan.storage.experiment_dir, context, args.cpus_per_trial, args.gpus_per_trial)
+    else:
+        tuner = build_tuner(
+            space=plan.space,
+            context=context,
+            storage_root=plan.storage.root,
+            name=plan.name,
+            num_samples=plan.num_samples,
+            max_concurrent=args.max_concurrent,
+            cpus_per_trial=args.cpus_per_trial,
+            gpus_per_trial=args.gpus_per_trial,
+            seed=args.seed,
+            optuna_url=plan.storage.optuna_url,
+            callbacks=[
+                TrialRunLogger(plan.tracking_uri, parent.experiment_id, parent.run_id, parent.fixed_config)
+            ],
+            max_failures=args.max_failures,
+        )
+    t0 = time.monotonic()
+    with INTERRUPTS.tune_owns_first_ctrl_c():
         tuner.fit()
-        trial_seconds = time.monotonic() - t_trials
+    return time.monotonic() - t0
 
-    # 4. MLflow agrees with Ray; the front.
-    from dashboards.views import poster_reference
+
+def reconcile(plan: Plan, base: Base, parent: ParentRun, trial_seconds: float | None) -> list[dict[str, Any]]:
+    """Make MLflow agree with Ray's results (`sweep.tracking.sync_sweep`); the trials' rows with their
+    ``pareto`` flag. Raises `TrackingBehind` when MLflow is unreachable: the results are safe in storage."""
+    # Lazy: Ray Tune's ExperimentAnalysis, seconds of import that a refused start never needs.
+    from sweep.results import collect_rows
 
     try:
-        if not args.sync:
-            client.log_metric(parent_run_id, "trial_phase_seconds", trial_seconds)
-        rows = tracking.sync_sweep(
-            tracking_uri,
-            experiment_id,
-            parent_run_id,
-            sweep.experiment_dir,
-            fixed_config,
-            base=base_point if base_point["mAP"] is not None else None,
-            reference=poster_reference(base_config.backbone, base_config.test_splits[0]),
+        if trial_seconds is not None:
+            tracking.record_trial_phase(plan.tracking_uri, parent.run_id, trial_seconds)
+        return tracking.sync_sweep(
+            plan.tracking_uri,
+            parent.experiment_id,
+            parent.run_id,
+            collect_rows(plan.storage.experiment_dir),
+            parent.fixed_config,
+            base=base.point(),
+            reference=poster_reference(plan.base_config.backbone, plan.base_config.test_splits[0]),
+            baselines=tracking.axis_baselines(base.meta),
         )
-    except Exception:
-        outage = tracking_outage(tracking_uri)
+    except Exception as exc:
+        outage = tracking_outage(plan.tracking_uri)
         if outage is None:
             raise
         # The trials are done and safe in Ray's storage; only the MLflow mirror is behind. Say how to catch up.
-        print(
-            f"error: the trials ended and their results are in {sweep.experiment_dir}, but MLflow could not be "
+        raise TrackingBehind(
+            f"the trials ended and their results are in {plan.storage.experiment_dir}, but MLflow could not be "
             f"updated: {outage}\n  When the server is back, log what is missing with:\n"
-            f"  python sweep/run.py --sync --name {name} --storage {sweep.root} --mlflow-uri {tracking_uri} "
-            f"--experiment {args.experiment}",
-            file=sys.stderr,
+            f"  python sweep/run.py --sync --name {plan.name} --storage {plan.storage.root} "
+            f"--mlflow-uri {plan.tracking_uri} --experiment {plan.args.experiment}"
+        ) from exc
+
+
+def _fmt_value(value: Any) -> str:
+    """A config value for a table: floats with 4 significant digits, everything else as is."""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _fmt_config(config: dict[str, Any], keys: list[str]) -> str:
+    return " ".join(f"{k}={_fmt_value(config[k])}" for k in keys if k in config)
+
+
+def _num(value: Any, spec: str, width: int) -> str:
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        return f"{value:>{width}{spec}}"
+    return f"{'-':>{width}}"
+
+
+def zero_byte_floor(base_meta: dict[str, Any]) -> tuple[str, float] | None:
+    """``(name, val mAP)`` of the best baseline that needs no model bytes, from the base's meta; None when the
+    meta has no baselines (a base built before they were measured)."""
+    baselines = base_meta.get("baselines") or {}
+    splits = [s for s in base_meta.get("val_splits") or [] if s in baselines]
+    try:
+        return best_zero_byte_baseline(baselines, splits) if splits else None
+    except (KeyError, TypeError, ValueError):  # a baseline missing on a split: no floor to draw
+        return None
+
+
+def print_front(
+    rows: list[dict],
+    base_meta: dict,
+    tracking_uri: str,
+    parent: ParentRun,
+    searched: list[str] | None = None,
+    fixed: dict[str, Any] | None = None,
+) -> None:
+    """The front as a table (the base first; config as key=value of the searched keys, the fixed ones once
+    above), and where to see it in MLflow."""
+    front = sorted((r for r in rows if r.get("pareto")), key=lambda r: r[MEMORY_KEY])
+    ok = sum(r["status"] == "ok" for r in rows)
+    failed = sum(r["status"] == "failed" for r in rows)
+    print(f"\n{len(rows)} trials: {ok} completed, {failed} failed. Pareto front ({len(front)} points):")
+    if searched is None:
+        searched = sorted({k for r in front for k in r["config"]})
+    if fixed:
+        print("fixed: " + _fmt_config(fixed, sorted(fixed)))
+    floor = zero_byte_floor(base_meta)
+    header = (
+        f"{'trial':<8}{'memory_mib':>11}{'ratio':>8}{'val mAP':>9}{'drop':>8}{'test mAP':>10}{'drop':>8}"
+        "   "
+        f"config ({', '.join(searched)})"
+    )
+    print(header)
+    print("-" * len(header))
+    base_map, base_mib = base_meta.get(MAP_KEY), base_meta.get(MEMORY_KEY)
+    if base_map is not None and base_mib is not None:
+        print(
+            f"{'base':<8}{_num(base_mib, '.4g', 11)}{_num(1.0, '.1f', 8)}{_num(base_map, '.4f', 9)}"
+            f"{'':>8}{_num(base_meta.get(TEST_MAP_KEY), '.4f', 10)}{'':>8}   dense fp32"
         )
-        return EXIT_TRACKING_BEHIND
-    print_front(rows, base_meta, tracking_uri, parent_run_id)
+    below = 0
+    for r in front:
+        res = r["result"]
+        mark = ""
+        if floor is not None and isinstance(r[MAP_KEY], int | float) and r[MAP_KEY] < floor[1]:
+            mark, below = "!", below + 1
+        name = tracking.trial_run_name(r["trial_id"], number=r.get("number"))
+        print(
+            f"{name:<8}{_num(r[MEMORY_KEY], '.4g', 11)}{_num(res.get(RATIO_KEY), '.1f', 8)}"
+            f"{_num(r[MAP_KEY], '.4f', 9)}{_num(res.get(DROP_KEY), '.1%', 8)}"
+            f"{_num(res.get(TEST_MAP_KEY), '.4f', 10)}{_num(res.get(TEST_DROP_KEY), '.1%', 8)}"
+            f" {mark or ' '} {_fmt_config(r['config'], searched)}"
+        )
+    print(
+        "(val mAP is the objective; test mAP is measured beside it and never seen by the search; drops are "
+        "relative to the base)"
+    )
+    if floor is not None:
+        name, value = floor
+        print(
+            f"zero-byte floor: {name} baseline, val mAP {value:.4f} (no model bytes)"
+            + (f"; {below} front point(s) marked ! are below it" if below else "; every front point beats it")
+        )
+    print(f"\nMLflow: parent run {parent.run_id} in {tracking_uri}")
+    if tracking_uri.startswith("sqlite:"):
+        links = tracking.ui_links("http://127.0.0.1:5000", parent.experiment_id, parent.run_id)
+        print(f"  open the UI:  mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000")
+        print(f"  the runs:     {links['runs']}")
+        print(f"  the front:    {links['pareto']}")
+        print(f"  (chart view: scatter {MEMORY_KEY} vs {MAP_KEY}; filter tags.pareto = 'true')")
+
+
+def report(plan: Plan, rows: list[dict[str, Any]], base: Base, parent: ParentRun) -> int:
+    """Print the front, and how to continue when some trials did not finish; the exit code (0)."""
+    print_front(
+        rows,
+        base.meta,
+        plan.tracking_uri,
+        parent,
+        searched=list(plan.space.params),
+        fixed=dict(plan.space.fixed),
+    )
     unfinished = [r for r in rows if r["status"] not in ("ok", "failed")]
     if unfinished:
         print(
-            f"\n{len(unfinished)} trials did not finish; continue with: --resume --name {name} --storage {sweep.root}"
+            f"\n{len(unfinished)} trials did not finish; continue with: --resume --name {plan.name} "
+            f"--storage {plan.storage.root}"
         )
     return 0
+
+
+class Interrupts:
+    """Ctrl-C for the whole sweep: the first one stops the step that runs (a KeyboardInterrupt, or Ray Tune's own
+    graceful stop while trials run, which saves the experiment for ``--resume``), a second one exits at once.
+
+    ``phase`` is what the sweep is doing, for the one line that says what was kept."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.phase = "starting"
+        self._tune_has_it = False
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, self.handle)
+
+    def handle(self, signum: int, frame: Any) -> None:
+        if self._tune_has_it:
+            # Tune caught the first Ctrl-C and put this handler back: this is the second one.
+            self.count = max(self.count, 1)
+        self.count += 1
+        if self.count == 1:
+            print(
+                f"\nCtrl-C: stopping the sweep ({self.phase}) … press Ctrl-C again to exit at once",
+                file=sys.stderr,
+                flush=True,
+            )
+            raise KeyboardInterrupt
+        print("\nsecond Ctrl-C: exiting now", file=sys.stderr, flush=True)
+        _kill_local_ray()
+        os._exit(EXIT_INTERRUPTED)
+
+    @contextmanager
+    def tune_owns_first_ctrl_c(self) -> Iterator[None]:
+        """Around ``tuner.fit()``: Tune installs its own SIGINT handler, which on the first Ctrl-C stops the trials,
+        saves the experiment and puts the previous handler (this one) back; ``fit`` then returns normally. The
+        handler being this one again afterwards is how the driver knows (ray/tune/tune.py ``_setup_signal_catching``)."""
+        self.install()
+        self._tune_has_it = True
+        try:
+            yield
+        finally:
+            self._tune_has_it = False
+            interrupted = signal.getsignal(signal.SIGINT) == self.handle
+            self.install()
+        if interrupted and not os.environ.get("TUNE_DISABLE_SIGINT_HANDLER"):
+            self.count = max(self.count, 1)
+            raise KeyboardInterrupt
+
+
+INTERRUPTS = Interrupts()
+
+
+def _kill_local_ray() -> None:
+    """The local Ray this driver started, ended at once (SIGKILL): for the second Ctrl-C."""
+    try:
+        node = ray._private.worker._global_node
+        if node is not None and node.head:
+            node.kill_all_processes(check_alive=False, allow_graceful=False)
+    except Exception:  # nothing must stop the exit; Ray's processes also die with the driver (fate sharing)
+        pass
+
+
+def _stop_ray() -> None:
+    """Shut down Ray: the local Ray this driver started ends, a joined cluster is only left."""
+    if ray.is_initialized():
+        with suppress(Exception):
+            ray.shutdown()
+
+
+def resume_command(argv: list[str]) -> str:
+    """The exact command line that continues this sweep: the same one plus ``--resume``."""
+    rest = [a for a in argv if a not in ("--resume", "--sync")]
+    return shlex.join([sys.executable, sys.argv[0] or "sweep/run.py", *rest, "--resume"])
+
+
+def kept_after_interrupt(phase: str, plan: Plan | None) -> str:
+    """What a sweep stopped during ``phase`` keeps, in a few words."""
+    if plan is None:
+        return "nothing (no sweep had started; the synthetic set is cached only once complete)"
+    where = plan.storage.experiment_dir
+    if phase in ("starting Ray", "building the base model"):
+        return "nothing but the cached synthetic set (no trial had started; a base model is stored only once complete)"
+    if phase == "opening the MLflow run":
+        return f"the base model in {plan.storage.root} (no trial had started)"
+    rows_note = ""
+    with suppress(Exception):
+        from sweep.results import collect_rows
+
+        rows = collect_rows(where)
+        done = sum(r["status"] in ("ok", "failed") for r in rows)
+        rows_note = f"{done} finished trial(s) of {len(rows)}, the others' stage checkpoints, "
+    if phase == "running the trials":
+        return f"{rows_note}the Optuna study and the base model, in {where}"
+    return f"every trial's result in {where} (MLflow is partly updated; --resume completes it)"
+
+
+def _run(args: argparse.Namespace, state: dict[str, Any]) -> int:
+    if args.show:
+        return show_base(args)
+    INTERRUPTS.phase = "checking the inputs and building the synthetic set"
+    plan = validate(args)
+    state["plan"] = plan
+    mark_started(plan)
+    INTERRUPTS.phase = "starting Ray"
+    start_ray(plan)
+    INTERRUPTS.phase = "building the base model"
+    base = prepare_base(plan)
+    INTERRUPTS.phase = "opening the MLflow run"
+    parent = open_parent_run(plan, base)
+    INTERRUPTS.phase = "running the trials"
+    trial_seconds = run_trials(plan, base, parent)
+    INTERRUPTS.phase = "syncing MLflow"
+    rows = reconcile(plan, base, parent, trial_seconds)
+    INTERRUPTS.phase = "reporting"
+    return report(plan, rows, base, parent)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line; returns the exit status (see ``EXIT_USAGE``, ``EXIT_TRACKING_BEHIND``,
+    ``EXIT_INTERRUPTED``)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    tracking.limit_http_retries()
+    INTERRUPTS.install()
+    state: dict[str, Any] = {}
+    try:
+        return _run(args, state)
+    except KeyboardInterrupt:
+        phase, plan = INTERRUPTS.phase, state.get("plan")
+        INTERRUPTS.count = max(INTERRUPTS.count, 1)  # from here on a Ctrl-C exits at once
+        _stop_ray()
+        kept = kept_after_interrupt(phase, plan)
+        again = resume_command(argv) if plan is not None else shlex.join([sys.executable, sys.argv[0], *argv])
+        print(
+            f"interrupted while {phase}: kept {kept}. Continue with: {again}",
+            file=sys.stderr,
+            flush=True,
+        )
+        return EXIT_INTERRUPTED
+    except (
+        UsageError,
+        SearchSpaceError,
+        tracking.TrackingError,
+        sweep_storage.StorageError,
+        DatasetError,
+    ) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except TrackingBehind as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_TRACKING_BEHIND
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """Build the Ray Tune ``Tuner``: the trial function with its resources, the multi-objective Optuna searcher
 (study in an RDB store so ``--resume`` continues it), failure retries, checkpoints and the MLflow callback.
 
-DESIGN §7 traps handled here: metric/mode go to the searcher only (setting them on ``TuneConfig`` too would make the
-study single-objective); resources are a dict with both ``cpu`` and ``gpu``; ``num_to_keep`` ≥ 2.
+Ray Tune / Optuna traps handled here (docs/traps.md): metric/mode go to the searcher only (setting them on
+``TuneConfig`` too would make the study single-objective); resources are a dict with both ``cpu`` and ``gpu``;
+``num_to_keep`` ≥ 2. The objectives are the trial contract's (``trainables.contract.OBJECTIVES``).
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
 from search_spaces.schema import SearchSpace
+from trainables.contract import OBJECTIVES
+from trainables.pipeline import run_trial
 
 logger = logging.getLogger("vladsweep.tuner")
 
-OBJECTIVES = {"mAP": "max", "memory_mib": "min"}
 STUDY_NAME = "vladsweep"
 
 
@@ -79,6 +81,8 @@ class MultiObjectiveOptunaSearch(OptunaSearch):
 
 
 def make_searcher(space: SearchSpace, seed: int, storage_url: str, max_concurrent: int) -> ConcurrencyLimiter:
+    """The multi-objective Optuna searcher over ``space``, its study in ``storage_url``, at most ``max_concurrent``
+    trials asked for at once."""
     storage = optuna.storages.RDBStorage(storage_url)
     searcher = MultiObjectiveOptunaSearch(
         space=SuggestFromSpace(space.optuna_distributions(), space.fixed),
@@ -92,12 +96,12 @@ def make_searcher(space: SearchSpace, seed: int, storage_url: str, max_concurren
 
 
 def trial_resources(cpus_per_trial: float, gpus_per_trial: float) -> dict[str, float]:
+    """Tune's resource dict of one trial, with both keys always (see the traps in the module doc)."""
     return {"cpu": cpus_per_trial, "gpu": gpus_per_trial}
 
 
 def wrap_trainable(context: Mapping[str, Any], cpus_per_trial: float, gpus_per_trial: float):
-    from trainables.pipeline import run_trial
-
+    """The trial function with the sweep's fixed inputs (``context``) bound and its resources declared."""
     return tune.with_resources(
         tune.with_parameters(run_trial, context=dict(context)),
         trial_resources(cpus_per_trial, gpus_per_trial),
@@ -119,6 +123,8 @@ def build_tuner(
     callbacks: list,
     max_failures: int = 2,
 ) -> Tuner:
+    """A new sweep's ``Tuner``: ``num_samples`` trials of ``space``, ``max_concurrent`` at a time, each retried
+    up to ``max_failures`` times from its newest checkpoint."""
     return Tuner(
         wrap_trainable(context, cpus_per_trial, gpus_per_trial),
         tune_config=TuneConfig(
@@ -142,7 +148,8 @@ def build_tuner(
 
 def restore_tuner(
     experiment_dir: str, context: Mapping[str, Any], cpus_per_trial: float, gpus_per_trial: float
-):
+) -> Tuner:
+    """The ``Tuner`` of the sweep in ``experiment_dir`` (``--resume``): unfinished and errored trials go on."""
     return Tuner.restore(
         experiment_dir,
         trainable=wrap_trainable(context, cpus_per_trial, gpus_per_trial),

@@ -6,11 +6,12 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-# DESIGN §9: without this Ray binds the machine's network address; with it every node stays on 127.0.0.1.
+# Without this Ray binds the machine's network address; with it every node stays on 127.0.0.1
+# (docs/traps.md#ray-on-loopback).
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-import faiss  # noqa: E402,F401  (DESIGN §9: faiss before torch, both bring OpenMP)
+import faiss  # noqa: E402,F401  (faiss before torch, both bring OpenMP: docs/traps.md#faiss-before-torch)
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -27,6 +28,20 @@ def pytest_collection_modifyitems(config, items):
 
 
 REPO = Path(__file__).resolve().parents[1]
+#: The one list of the system packages the tests drive, and their installer (the README's test command runs it).
+SYSTEM_DEPS = REPO / ".ci" / "system-deps.sh"
+
+
+def fail_missing_system_tools(missing: list[str]) -> None:
+    """Fail (never skip) a test whose system tools are missing, naming the command that installs them."""
+    if missing:
+        pytest.fail(
+            f"missing system tools: {', '.join(missing)}. Install them with `{SYSTEM_DEPS.relative_to(REPO)}` "
+            "(the README's test command runs it; it needs root or passwordless sudo, otherwise it prints the "
+            "`sudo apt-get install …` line to run).",
+            pytrace=False,
+        )
+
 
 #: A tiny search space for sweep tests: a random sampler (configs do not depend on which trial finishes first),
 #: one or two training steps per stage, and a range wide enough that trials land at different memory/mAP points.
@@ -48,7 +63,8 @@ fixed:
 """
 
 #: Base fine-tune steps for tests: the base is built once per storage root and shared by every test sweep.
-TEST_BASE_STEPS = "10"
+#: The base every test sweep shares: the tiny CNN with a 10-step fine-tune (built once per session).
+TEST_PRESET = "tiny-test"
 
 
 @dataclass
@@ -107,8 +123,8 @@ def finished_sweep(tmp_path_factory, sweep_storage: Path, tiny_space: Path) -> F
             experiment,
             "--mlflow-uri",
             mlflow_uri,
-            "--base-steps",
-            TEST_BASE_STEPS,
+            "--preset",
+            TEST_PRESET,
         ],
         cwd=root,
     )

@@ -4,7 +4,7 @@
 a free port, keys only), starts `sshd -D` and yields an `SshdHost`. The ssh user's HOME and Ray's temp folder on the
 "head" live in that folder (sshd's `SetEnv`), so nothing Ray writes there escapes it; the CLI side gets the same
 `RAY_TMPDIR` because the local provider keeps its state file there. `SshdHost.cluster_config()` turns
-cluster/local.yaml into a file for this host, changing only what must differ here (DESIGN §8).
+cluster/local.yaml into a file for this host, changing only what must differ here (docs/traps.md#ray-up-on-one-machine).
 
 `ray stop` (run by head_start_ray_commands and by `ray down`) stops every Ray process of a host. This machine is
 shared with other Ray users (other tests, other sessions), so the head's PATH starts with a stand-in `ray` whose
@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+from net import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 # program -> the Debian package that has it
@@ -99,12 +100,6 @@ def missing_tools() -> list[str]:
     """The programs a real `ray up` over ssh needs that are not installed, as 'program (Debian package)'."""
     search = os.environ.get("PATH", "") + os.pathsep + "/usr/sbin" + os.pathsep + "/sbin"
     return [f"{tool} ({pkg})" for tool, pkg in TOOLS.items() if shutil.which(tool, path=search) is None]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_for_port(port: int, proc: subprocess.Popen, log: Path, timeout: float = 20.0) -> None:

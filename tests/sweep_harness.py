@@ -1,5 +1,6 @@
 """Helpers for the multi-node and fault tests: a private Ray temp folder, a several-node Ray on one machine, the
-sweep CLI as a process that can be killed, a real `mlflow server`, and readers for what a sweep leaves behind.
+sweep CLI as a process that can be killed, and readers for what a sweep leaves behind. (The real `mlflow server`
+is tests/mlflow_server.py, free ports are tests/net.py.)
 
 Isolation. This machine (and CI) runs other Ray users beside these tests. `ray.init()` with no address joins the
 cluster recorded in ``<RAY_TMPDIR>/ray/ray_current_cluster`` (``ray start`` and ``ray.cluster_utils.Cluster``
@@ -15,7 +16,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,12 +27,6 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(
@@ -174,7 +168,7 @@ def sweep_args(
     space: Path, storage: Path, name: str, mlflow_uri: str, *extra: str, experiment: str = "vladsweep-faults"
 ) -> list[str]:
     """The CLI arguments of a test sweep (shared base steps, so every test sweep reuses one cached base)."""
-    from conftest import TEST_BASE_STEPS
+    from conftest import TEST_PRESET
 
     return [
         "--search-space",
@@ -187,8 +181,8 @@ def sweep_args(
         mlflow_uri,
         "--experiment",
         experiment,
-        "--base-steps",
-        TEST_BASE_STEPS,
+        "--preset",
+        TEST_PRESET,
         *extra,
     ]
 
@@ -285,61 +279,3 @@ def finished_child_runs(uri: str, experiment: str = "vladsweep-faults") -> int:
     except Exception:  # the store is being created by the sweep: try again
         return 0
     return len(runs)
-
-
-# ------------------------------------------------------------------------------------------ an MLflow server
-
-
-class MlflowServer:
-    """A real ``mlflow server`` on 127.0.0.1 with an sqlite backend and proxied artifacts, in its own process
-    group (it forks uvicorn and a job runner), so ``stop()`` ends all of it and only it."""
-
-    def __init__(self, folder: Path, port: int):
-        self.folder = folder
-        self.port = port
-        self.uri = f"http://127.0.0.1:{port}"
-        self.proc: subprocess.Popen | None = None
-        self.starts = 0
-
-    def start(self, timeout: float = 120) -> None:
-        import requests
-
-        self.starts += 1
-        log = open(self.folder / f"mlflow-server-{self.starts}.log", "w")  # noqa: SIM115 (child owns it)
-        self.proc = subprocess.Popen(
-            [
-                str(Path(sys.executable).with_name("mlflow")),
-                "server",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--backend-store-uri",
-                f"sqlite:///{self.folder / 'server.db'}",
-                "--artifacts-destination",
-                str(self.folder / "artifacts"),
-                "--workers",
-                "1",
-            ],
-            cwd=self.folder,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        log.close()
-
-        def healthy() -> bool:
-            try:
-                return requests.get(f"{self.uri}/health", timeout=2).ok
-            except requests.RequestException:
-                return False
-
-        wait_for(healthy, f"mlflow server on port {self.port}", timeout, alive=self.proc)
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        with suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)  # the group this server's start() created
-        self.proc.wait()
-        self.proc = None

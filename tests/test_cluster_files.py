@@ -21,8 +21,9 @@ import jsonschema
 import pytest
 import ray
 import yaml
+from net import free_port
 from ray.autoscaler._private.util import prepare_config, validate_config
-from sshd_cluster import cmdline, free_port, listening_addresses
+from sshd_cluster import cmdline, listening_addresses
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"

@@ -14,19 +14,12 @@ import pytest
 import torch
 from torch import nn
 
-from trainables.compression import codec, streams
-from trainables.compression.codec import (
-    CodecError,
-    decode_tensor,
-    encode_pruned,
-    encode_quantized,
-    load_compressed,
-    plain_state_entries,
-    read_header,
-    register_architecture,
-    save_compressed,
-)
+from trainables.compression import container, layouts, streams
+from trainables.compression.architectures import register_architecture
+from trainables.compression.codec import CodecError, load_compressed, read_header, save_compressed
 from trainables.compression.inspect import main as inspect_main
+from trainables.compression.layouts import decode_tensor, encode_pruned, encode_quantized
+from trainables.compression.module_state import plain_state_entries
 from trainables.compression.plan import CompressionPlan, GroupPlan
 from trainables.compression.prune import apply_mask
 from trainables.compression.quantize import quantize_module
@@ -155,7 +148,11 @@ def test_quantized_tensor_every_layout_roundtrips_bit_exact(bits: int, sparsity:
     codebook, indices, mask = _hand_view(bits, sparsity, shape, seed=bits)
     expected = codebook[indices] * mask.to(torch.float32)
     sizes = {}
-    for layout in codec.LAYOUTS:
+    for layout in layouts.LAYOUTS:
+        if layout == "rowbitmap" and len(shape) < 2:
+            with pytest.raises(ValueError, match="does not apply"):
+                encode_quantized(codebook, indices, mask, bits, "kmeans", layout=layout)
+            continue
         rec, payload = encode_quantized(codebook, indices, mask, bits, "kmeans", layout=layout)
         assert rec["layout"] == layout and rec["nonzeros"] == int(mask.sum())
         out = decode_tensor(json.loads(json.dumps(rec)), payload)
@@ -180,7 +177,7 @@ def test_pruned_tensor_roundtrips(dtype: torch.dtype, sparsity: float) -> None:
     mask = torch.rand(120, 90, generator=g) >= sparsity
     weight = (torch.randn(120, 90, generator=g) * mask).to(dtype)
     sizes = {}
-    for layout in codec.LAYOUTS:
+    for layout in layouts.LAYOUTS:
         rec, payload = encode_pruned(weight, mask, layout=layout)
         assert torch.equal(decode_tensor(json.loads(json.dumps(rec)), payload), weight)
         sizes[layout] = _payload_bytes(payload)
@@ -301,7 +298,7 @@ def test_size_report_adds_up_to_the_file(tmp_path: Path) -> None:
     assert "memory_mib" in md and "3.weight" in md
 
 
-def test_big_iid_layer_is_within_two_percent_of_its_entropy_bound(tmp_path: Path) -> None:
+def test_big_iid_layer_is_within_two_percent_of_its_order0_size(tmp_path: Path) -> None:
     register_architecture("lin", lambda cfg: nn.Linear(cfg["i"], cfg["o"]))
     torch.manual_seed(0)
     lin = nn.Linear(1024, 256)
@@ -311,7 +308,7 @@ def test_big_iid_layer_is_within_two_percent_of_its_entropy_bound(tmp_path: Path
     report = save_compressed(lin, None, tmp_path / "lin.safetensors", meta)
     row = next(r for r in report.layers if r.name == "weight")
     codebook_bytes = 32 * 4
-    assert row.payload_bytes <= 1.02 * row.entropy_bound_bytes + codebook_bytes + 200
+    assert row.payload_bytes <= 1.02 * row.order0_bytes + codebook_bytes + 200
     # Beats the naive sparse format: a raw bitmap + raw b-bit indices (the poster-style figure + params / 8).
     assert row.payload_bytes < 0.97 * (row.poster_bytes + row.parameters / 8)
 
@@ -369,7 +366,8 @@ def test_tampered_header_is_refused(saved: Path) -> None:
 
 def test_unknown_format_version_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "future.safetensors"
-    monkeypatch.setattr(codec, "FORMAT_VERSION", 99)
+    monkeypatch.setattr(container, "FORMAT_VERSION", 99)
+    monkeypatch.setattr(container, "READABLE_VERSIONS", (99,))
     save_compressed(compressed_toy(4, 0.5, "kmeans"), None, path, TOY)
     monkeypatch.undo()
     with pytest.raises(CodecError, match="format version 99 is unknown"):
@@ -419,3 +417,31 @@ def test_inspect_cli(saved: Path, capsys: pytest.CaptureFixture[str]) -> None:
     saved.write_bytes(b"garbage")
     assert inspect_main([str(saved)]) == 2
     assert str(saved) in capsys.readouterr().err
+
+
+def test_inspect_verify_finds_a_damaged_payload(saved: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert inspect_main([str(saved), "--verify"]) == 0
+    assert "verified" in capsys.readouterr().out
+    _, index, header_bytes, _ = read_header(saved)
+    start = header_bytes + index["3.weight::codebook"]["data_offsets"][0]
+    data = bytearray(saved.read_bytes())
+    data[start] ^= 0x01
+    saved.write_bytes(bytes(data))
+    assert inspect_main([str(saved)]) == 0  # the header alone looks fine
+    capsys.readouterr()
+    assert inspect_main([str(saved), "--verify"]) == 2
+    assert "checksum mismatch in tensor '3.weight::codebook'" in capsys.readouterr().err
+
+
+def test_report_names_order0_and_reads_format_1_records(saved: Path) -> None:
+    report = read_size_report(saved)
+    row = next(r for r in report.layers if r.name == "3.weight")
+    assert row.coded_over_order0 == pytest.approx(row.payload_bytes / row.order0_bytes)
+    assert "order0_ratio" in report.totals and "coded / order-0" in report.to_markdown()
+    text = json.dumps(report.to_dict())
+    assert "bound" not in text
+    # A format-1 record stored the same figure in bytes as "bound_bytes".
+    from trainables.compression.report import record_order0_bytes
+
+    assert record_order0_bytes({"bound_bytes": 12.5}) == 12.5
+    assert record_order0_bytes({"order0_bits": 100.0}) == 12.5

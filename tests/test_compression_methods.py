@@ -217,12 +217,22 @@ def test_trained_kmeans_really_trains():
     assert loss_of(model, x, y) < loss_of(frozen, x, y)
 
 
-def test_frozen_layer_keeps_a_frozen_codebook():
+def test_every_compressed_layer_is_retrained_unless_the_plan_keeps_it_frozen():
+    model, x, y = toy_regression()
+    model[0].weight.requires_grad_(False)  # as the base fine-tune leaves AlexNet's conv1-4
+    groups = default_groups(model)
+    two_bits = {"conv": GroupPlan("none", 0.0, "kmeans", 2), "fc": GroupPlan("none", 0.0, "kmeans", 2)}
+    quantize_and_finetune(model, CompressionPlan(groups=two_bits), groups, make_train_fn(x, y))
+    assert model[0].parametrizations.weight.original.requires_grad is True
+
+
+def test_a_plan_that_keeps_a_frozen_layer_keeps_a_frozen_codebook():
     model, x, y = toy_regression()
     model[0].weight.requires_grad_(False)
     groups = default_groups(model)
     plan = CompressionPlan(
-        groups={"conv": GroupPlan("none", 0.0, "kmeans", 2), "fc": GroupPlan("none", 0.0, "kmeans", 2)}
+        groups={"conv": GroupPlan("none", 0.0, "kmeans", 2), "fc": GroupPlan("none", 0.0, "kmeans", 2)},
+        keep_frozen=True,
     )
     quantize_and_finetune(model, plan, groups, make_train_fn(x, y))
     assert model[0].parametrizations.weight.original.requires_grad is False

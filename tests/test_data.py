@@ -250,10 +250,16 @@ def test_gnd_reader_refuses_code(tmp_path):
 
 
 def test_registry(tmp_path):
-    assert {"synthetic-train", "synthetic-test", "oxford5k", "paris6k", "roxford5k", "rparis6k"} == set(
-        DATASETS
-    )
-    with pytest.raises(ValueError, match="known datasets: synthetic-train, synthetic-test, oxford5k"):
+    assert {
+        "synthetic-train",
+        "synthetic-val",
+        "synthetic-test",
+        "oxford5k",
+        "paris6k",
+        "roxford5k",
+        "rparis6k",
+    } == set(DATASETS)
+    with pytest.raises(ValueError, match="known datasets: synthetic-train, synthetic-val, synthetic-test"):
         load_dataset("holidays")
     with pytest.raises(ValueError, match="needs data_root"):
         load_dataset("oxford5k")

@@ -17,10 +17,10 @@ from pathlib import Path
 import optuna
 import pytest
 from conftest import TINY_SPACE
+from mlflow_server import MlflowServer
+from net import free_port
 from sweep_harness import (
-    MlflowServer,
     SweepProcess,
-    free_port,
     mlflow_record,
     private_ray_tmpdir,
     process_title,
@@ -34,12 +34,12 @@ from sweep_harness import (
 )
 
 from search_spaces.schema import load_search_space
-from sweep.tracking import collect_rows
+from sweep.results import collect_rows
 from sweep.tuner import STUDY_NAME, make_searcher
+from trainables.contract import FINAL_STAGE, MAP_KEY, MEMORY_KEY, OBJECTIVES, STAGES
 
-OBJECTIVE_KEYS = ("mAP", "memory_mib")
+OBJECTIVE_KEYS = tuple(OBJECTIVES)
 RAY_AGENTS = {"ray::DashboardAgent", "ray::RuntimeEnvAgent"}
-STAGES = ["sparsify", "prune", "quantize", "done"]
 
 
 def rows_by_trial(experiment_dir: Path) -> dict[str, dict]:
@@ -74,40 +74,40 @@ def test_mlflow_lost_mid_sweep_trials_go_on_and_sync_logs_what_is_missing(
     child run with the final metrics Ray has — and reuses the child runs made before the outage."""
     name = "mlflow-lost"
     experiment_dir = sweep_storage / name
-    server = MlflowServer(tmp_path, free_port())
+    server = MlflowServer.in_folder(tmp_path)
     server.start()
     try:
         with private_ray_tmpdir() as ray_tmp:
             sweep = SweepProcess(
                 sweep_args(
-                    tiny_space, sweep_storage, name, server.uri, "--num-samples", "2", "--max-concurrent", "2"
+                    tiny_space, sweep_storage, name, server.url, "--num-samples", "2", "--max-concurrent", "2"
                 ),
                 tmp_path,
                 ray_tmp,
             )
             try:
                 early = wait_for(
-                    lambda: trial_children(server.uri), "the first trial's child run", 420, alive=sweep.proc
+                    lambda: trial_children(server.url), "the first trial's child run", 420, alive=sweep.proc
                 )
-                server.stop()
+                server.kill()
                 code = sweep.wait(timeout=600)
             finally:
                 sweep.kill()
         assert code == 3, sweep.output()
-        assert "--sync" in sweep.stderr and server.uri in sweep.stderr, sweep.stderr
+        assert "--sync" in sweep.stderr and server.url in sweep.stderr, sweep.stderr
         assert "Traceback" not in sweep.stderr, sweep.stderr
 
         rows = rows_by_trial(experiment_dir)
         assert len(rows) == 2 and all(row["status"] == "ok" for row in rows.values()), rows
 
-        server.start()
-        behind = mlflow_record(server.uri).by_trial()
-        assert not any("mAP" in run.data.metrics for run in behind.values()), (
+        server.restart()
+        behind = mlflow_record(server.url).by_trial()
+        assert not any(MAP_KEY in run.data.metrics for run in behind.values()), (
             "MLflow was not behind after all"
         )
         with private_ray_tmpdir() as ray_tmp:
             sync = SweepProcess(
-                sweep_args(tiny_space, sweep_storage, name, server.uri, "--sync"), tmp_path, ray_tmp, "sync"
+                sweep_args(tiny_space, sweep_storage, name, server.url, "--sync"), tmp_path, ray_tmp, "sync"
             )
             try:
                 assert sync.wait(timeout=300) == 0, sync.output()
@@ -115,7 +115,7 @@ def test_mlflow_lost_mid_sweep_trials_go_on_and_sync_logs_what_is_missing(
                 sync.kill()
             assert list(ray_tmp.rglob("session_*")) == [], "--sync started a Ray it does not need"
 
-        record = mlflow_record(server.uri)
+        record = mlflow_record(server.url)
         children = record.by_trial()
         assert len(record.children) == len(children) == 2 and set(children) == set(rows)
         for trial_id, run in children.items():
@@ -197,15 +197,15 @@ def test_driver_killed_mid_sweep_resume_finishes_it(sweep_storage, tiny_space, t
         assert (dirs[trial_id] / "result.json").read_bytes() == results
     results = trial_results(experiment_dir)
     for trial_id in done:
-        assert [r["stage"] for r in results[trial_id]] == STAGES
+        assert [r["stage"] for r in results[trial_id]] == list(STAGES)
     for trial_id in set(rows) - set(done):
         # Resumed from the checkpoint Tune had saved: stages go forward; one finished after that save may run
         # again. A trial that had ended after the save reports its recorded result again: measured once.
         stages = [r["stage"] for r in results[trial_id]]
         assert sorted(stages, key=STAGES.index) == stages and set(stages) == set(STAGES), stages
-        ends = [r for r in results[trial_id] if r["stage"] == "done"]
+        ends = [r for r in results[trial_id] if r["stage"] == FINAL_STAGE]
         assert all(r["seconds_evaluate"] == ends[0]["seconds_evaluate"] for r in ends), "evaluated twice"
-        assert all(r["mAP"] == ends[0]["mAP"] for r in ends)
+        assert all(r[MAP_KEY] == ends[0][MAP_KEY] for r in ends)
 
     record = mlflow_record(mlflow_uri)
     children = record.by_trial()
@@ -255,7 +255,7 @@ def test_restore_fails_study_trials_asked_for_after_the_last_save(searcher_facto
     study = optuna.load_study(study_name=STUDY_NAME, storage=url)
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.FAIL]
 
-    restored.searcher.on_trial_complete("known", {"mAP": 0.5, "memory_mib": 1.0})
+    restored.searcher.on_trial_complete("known", {MAP_KEY: 0.5, MEMORY_KEY: 1.0})
     study = optuna.load_study(study_name=STUDY_NAME, storage=url)
     assert study.trials[0].state == optuna.trial.TrialState.COMPLETE and study.trials[0].values == [0.5, 1.0]
 
@@ -267,11 +267,11 @@ def test_a_trial_the_study_already_finished_is_not_told_again(searcher_factory, 
     first = make()
     first.suggest("t")
     first.save(str(tmp_path / "searcher.pkl"))
-    first.searcher.on_trial_complete("t", {"mAP": 0.5, "memory_mib": 1.0})
+    first.searcher.on_trial_complete("t", {MAP_KEY: 0.5, MEMORY_KEY: 1.0})
 
     restored = make()
     restored.restore(str(tmp_path / "searcher.pkl"))
-    restored.searcher.on_trial_complete("t", {"mAP": 0.25, "memory_mib": 2.0})
+    restored.searcher.on_trial_complete("t", {MAP_KEY: 0.25, MEMORY_KEY: 2.0})
     (trial,) = optuna.load_study(study_name=STUDY_NAME, storage=url).trials
     assert trial.state == optuna.trial.TrialState.COMPLETE and trial.values == [0.5, 1.0]
 
@@ -288,7 +288,7 @@ def test_a_pruned_model_comes_back_from_its_stage_checkpoint(tmp_path):
 
     from trainables.compression.prune import apply_mask
     from trainables.compression.schedule import apply_masks, export_masks
-    from trainables.pipeline import _load_weights, _save_weights
+    from trainables.pipeline import load_weights, save_weights
 
     def make() -> nn.Module:
         return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 1))
@@ -299,10 +299,10 @@ def test_a_pruned_model_comes_back_from_its_stage_checkpoint(tmp_path):
         apply_mask(layer, layer.weight.abs() > layer.weight.abs().median())
     x = torch.randn(2, 3, 8, 8)
     path = tmp_path / "weights.safetensors"
-    _save_weights(pruned, path, export_masks(pruned))
+    save_weights(pruned, path, export_masks(pruned))
 
     fresh = make()
-    apply_masks(fresh, _load_weights(fresh, path), {"conv": ["0", "2"]})
+    apply_masks(fresh, load_weights(fresh, path), {"conv": ["0", "2"]})
     assert torch.equal(fresh(x), pruned(x))
     restored, original = export_masks(fresh), export_masks(pruned)
     assert restored.keys() == original.keys() and all(torch.equal(restored[k], original[k]) for k in original)

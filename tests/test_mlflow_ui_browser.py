@@ -7,13 +7,15 @@ parent, the ``tags.pareto = 'true'`` filter, and the parent's Artifacts tab show
 must show one front point per front run, the base model, and a trial's config on hover. Screenshots land in
 ``test-artifacts/mlflow-ui/`` (or ``$VLADSWEEP_TEST_ARTIFACTS/mlflow-ui/``).
 
-Linux only (skipped elsewhere). A missing Chromium, chromedriver or Selenium FAILS the test: CI installs them.
+Linux only (skipped elsewhere). A missing Chromium, chromedriver or Selenium FAILS the test, naming the command that
+installs it (.ci/system-deps.sh, which the README's test command runs).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
 from collections.abc import Callable, Iterator
@@ -21,8 +23,15 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from conftest import REPO, FinishedSweep
+from conftest import REPO, FinishedSweep, fail_missing_system_tools
 from mlflow_server import MlflowServer, mlflow_server
+
+from sweep.tracking import (
+    EXPERIMENT_KIND_MODEL_TRAINING,
+    EXPERIMENT_KIND_TAG,
+    ROLE_TAG,
+    ui_links,
+)
 
 pytestmark = [
     pytest.mark.slow,
@@ -67,10 +76,10 @@ def chromium(shots_dir: Path):
     for name, env in (("chromium", "VLADSWEEP_CHROMIUM"), ("chromedriver", "VLADSWEEP_CHROMEDRIVER")):
         path = os.environ.get(env) or shutil.which(name)
         if not path or not os.access(path, os.X_OK):
-            pytest.fail(
-                f"{name} not found ({'$' + env + '=' + path if os.environ.get(env) else 'not on PATH'}): install "
-                "Debian's `chromium` and `chromium-driver` (`apt-get install chromium chromium-driver`; .ci/run "
-                f"does) or point ${env} at the executable."
+            if os.environ.get(env):
+                pytest.fail(f"{name} not found (${env}={path} is not an executable)")
+            fail_missing_system_tools(
+                [f"{name} (Debian's {'chromium' if name == 'chromium' else 'chromium-driver'})"]
             )
         found[name] = path
     browser, driver_path = found["chromium"], found["chromedriver"]
@@ -121,17 +130,6 @@ def _run_links(driver) -> dict[str, str]:
     return links
 
 
-def _use_model_training_layout(driver) -> None:
-    """MLflow 3.17 opens experiments in its GenAI layout; a sweep's user switches to "Model training" (the
-    choice is remembered, so the run pages that follow use it too)."""
-    from selenium.webdriver.common.by import By
-
-    for toggle in driver.find_elements(By.XPATH, '//*[normalize-space(text())="Model training"]'):
-        if toggle.is_displayed():
-            toggle.click()
-            return
-
-
 def _close_assistant(driver) -> None:
     """The UI opens an assistant side panel; closing it gives the runs and the artifact view the width."""
     from selenium.webdriver.common.by import By
@@ -150,8 +148,6 @@ def test_mlflow_ui_shows_child_runs_and_the_parents_pareto_plot(
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
-    from sweep.tracking import ROLE_TAG  # imports Ray Tune: only when the test runs, not at collection
-
     # What the store holds, read through the server's REST API: the expectations for the pages.
     client = mlflow.MlflowClient(mlflow_ui.url)
     experiment = client.get_experiment_by_name(finished_sweep.experiment)
@@ -169,6 +165,13 @@ def test_mlflow_ui_shows_child_runs_and_the_parents_pareto_plot(
     front = {r.info.run_id: r for r in children if r.data.tags.get("pareto") == "true"}
     assert children and front, "the test sweep should have child runs and a non-empty front"
     by_trial = {r.data.tags["trial_id"]: r for r in children}
+    assert experiment.tags.get(EXPERIMENT_KIND_TAG) == EXPERIMENT_KIND_MODEL_TRAINING
+    for run in children:  # names a human can read: "t0003 12.1x mAP 0.812" (a failed trial: "t0003")
+        assert re.fullmatch(r"t\d{4}( \S+x mAP \d\.\d{3})?", run.info.run_name), run.info.run_name
+    links_to = ui_links(mlflow_ui.url, exp_id, parent.info.run_id)
+    assert links_to["runs"].replace(mlflow_ui.url, "http://127.0.0.1:5000") in finished_sweep.stdout, (
+        "the sweep prints the link to its runs table"
+    )
 
     driver = chromium
     shots: list[Path] = []
@@ -179,12 +182,17 @@ def test_mlflow_ui_shows_child_runs_and_the_parents_pareto_plot(
         shots.append(path)
 
     try:
-        # 1. The experiment's run table: the parent by the sweep's name, its child runs folded under it.
+        # 1. The link the sweep prints lands on the experiment's runs table (not the GenAI overview): the parent
+        # by the sweep's name, its child runs folded under it.
         parent_xpath = f'//div[@role="gridcell"]//a[contains(@href, "/runs/{parent.info.run_id}")]'
-        driver.get(f"{mlflow_ui.url}/#/experiments/{exp_id}/runs")
+        driver.get(links_to["runs"])
         _wait(driver, lambda d: d.find_elements(By.XPATH, parent_xpath), "the run table")
-        _use_model_training_layout(driver)
+        assert "/overview" not in driver.current_url, driver.current_url
+        assert not driver.find_elements(By.XPATH, '//*[normalize-space(text())="Token usage"]'), (
+            "the GenAI overview is shown"
+        )
         _close_assistant(driver)
+        shot("0-landing-runs-table")
         parent_link = _wait(
             driver,
             lambda d: d.find_elements(By.XPATH, parent_xpath),
@@ -275,6 +283,22 @@ def test_mlflow_ui_shows_child_runs_and_the_parents_pareto_plot(
                 assert f"{key}: {params[key]}" in text, f"the tooltip's {key} differs from the run's param"
         driver.switch_to.default_content()
         shot("3-parent-pareto-html-hover")
+
+        # 5. The chart view of the same runs (dashboards/README.md: add a scatter of memory_mib vs val_mAP).
+        driver.get(links_to["runs"] + "&compareRunsMode=CHART")
+        _wait(driver, lambda d: "compareRunsMode=CHART" in d.current_url, "the chart view")
+        _close_assistant(driver)
+        shot("4-chart-view")
+
+        # 6. The parent's pareto.html straight from the link the sweep prints (and the parent's description).
+        driver.get(links_to["pareto"])
+        _wait(
+            driver,
+            lambda d: d.find_elements(By.CSS_SELECTOR, "iframe.mlflow-html-iframe"),
+            "pareto.html opened by its link",
+        )
+        _close_assistant(driver)
+        shot("5-pareto-html-by-link")
     except BaseException:
         driver.switch_to.default_content()
         shot("failed")

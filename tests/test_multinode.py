@@ -29,9 +29,10 @@ from sweep_harness import (
     wait_for,
 )
 
+from trainables.contract import FINAL_STAGE, MAP_KEY, STAGES
+
 pytestmark = pytest.mark.slow
 
-STAGES = ["sparsify", "prune", "quantize", "done"]
 EXPERIMENT = "vladsweep-multinode"
 
 
@@ -42,7 +43,7 @@ def run_args(space: Path, storage: Path, name: str, mlflow_uri: str, address: st
 
 
 def final_rows(experiment_dir: Path) -> dict[str, dict]:
-    from sweep.tracking import collect_rows
+    from sweep.results import collect_rows
 
     return {row["trial_id"]: row for row in collect_rows(str(experiment_dir))}
 
@@ -178,11 +179,11 @@ def test_a_node_removed_under_a_trial_costs_a_retry_not_the_trial(sweep_storage,
     # The retry's first report counts 1 since the restore but continues the trial's iterations: it began at the
     # prune checkpoint or a later one, not from scratch.
     assert restored[0]["iterations_since_restore"] == 1 and restored[0]["training_iteration"] >= 3
-    assert restored[-1]["stage"] == "done"
+    assert restored[-1]["stage"] == FINAL_STAGE
 
     # The other trial is still there, whole: every stage once, one node, no failure.
     (other,) = set(rows) - {victim}
-    assert [r["stage"] for r in results[other]] == STAGES
+    assert [r["stage"] for r in results[other]] == list(STAGES)
     assert {r["node_id"] for r in results[other]} == {survivor_id}
     assert rows[other]["retries"] == 0
 
@@ -193,7 +194,7 @@ def test_a_node_removed_under_a_trial_costs_a_retry_not_the_trial(sweep_storage,
     assert int(victim_run.data.tags["retries"]) >= 1
     assert victim_run.data.tags["status"] == "FINISHED" and victim_run.info.status == "FINISHED"
     assert victim_run.data.tags["node"].split("/")[1] == survivor_id[:12]
-    assert math.isclose(victim_run.data.metrics["mAP"], rows[victim]["mAP"])
+    assert math.isclose(victim_run.data.metrics[MAP_KEY], rows[victim][MAP_KEY])
     assert children[other].data.tags["retries"] == "0"
 
 
@@ -240,7 +241,7 @@ def test_declared_gpus_are_shared_by_halves_and_held_whole(sweep_storage, tiny_s
         assert len(results) == 2
         for trial in results.values():
             assert {r["gpu_ids"] for r in trial} == {"0"}, "a trial did not hold GPU 0"
-            assert {r["stage"] for r in trial} >= {"done"}
+            assert {r["stage"] for r in trial} >= {FINAL_STAGE}
         (a_start, a_end), (b_start, b_end) = sorted(_interval(r) for r in results.values())
         if gpus == "0.5":
             assert b_start < a_end - 2, (

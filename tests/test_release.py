@@ -2,9 +2,10 @@
 
 The store is written here with MlflowClient in the layout `sweep.tracking` writes (parent run tagged
 ``vladsweep.role = sweep``, child runs with ``trial_id`` / ``status`` / ``pareto`` tags and metrics, front members'
-files under ``model/``), with real compressed artifacts of a tiny NetVLAD model. The artifacts' sizes are measured;
-their mAP values are set by the test so the front's shape is known — except in the last test, where the trial's mAP
-is measured the way `trainables.pipeline` measures it and the served model must reproduce it exactly.
+files under ``model/``; the parent's base and baseline metrics), with real compressed artifacts of a tiny NetVLAD
+model. The artifacts' sizes are measured; their val and test mAP values are set by the test so the front's shape is
+known — except in the last test, where the trial's test mAP is measured the way `trainables.pipeline` measures it
+and the served model must reproduce it exactly.
 """
 
 from __future__ import annotations
@@ -24,13 +25,37 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 from tiny_artifacts import IMAGE_SIZE, tiny_artifact
 
-from sweep import release
-from sweep.release import ReleaseError, open_sweep, parse_fraction, pick_by_max_drop, pick_by_max_memory
+from sweep import release, tracking
+from sweep.release import (
+    BASE_TEST_MAP_METRIC,
+    ReleaseError,
+    open_sweep,
+    parse_fraction,
+    pick_by_max_drop,
+    pick_by_max_memory,
+)
 from trainables.compression.codec import load_compressed
+from trainables.contract import (
+    ARTIFACT_FILE,
+    DROP_KEY,
+    LAYERS_JSON,
+    MAP_KEY,
+    TEST_DROP_KEY,
+    TEST_MAP_KEY,
+    baseline_metric,
+    map_key,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENT = "release-tests"
-BASE_MAP = 0.80
+BASE_MAP, BASE_TEST_MAP = 0.80, 0.76
+#: The main sweep's baselines on val and test: thumbnails (0.62) is the best zero-byte one, above t1 (0.60).
+BASELINES = {
+    "random": (0.03, 0.02),
+    "thumbnails": (0.62, 0.58),
+    "histogram": (0.41, 0.40),
+    "off_the_shelf": (0.7, 0.66),
+}
 
 
 @dataclass
@@ -56,17 +81,31 @@ def log_sweep(
     trials: list[dict],
     base_map: float,
     workdir: Path,
+    base_test_map: float | None = None,
+    baselines: dict[str, tuple[float, float]] | None = None,
 ) -> tuple[str, dict[str, str], dict[str, Path]]:
-    """A parent run and one child run per trial, as `sweep.tracking.sync_sweep` leaves them."""
+    """A parent run and one child run per trial, as `sweep.tracking.sync_sweep` leaves them; ``baselines`` is
+    name -> (val mAP, test mAP), logged as the parent's ``baseline_<name>_val`` / ``_test``."""
     parent = client.create_run(
         experiment_id,
         run_name=name,
         start_time=start_ms,
         tags={"vladsweep.role": "sweep", "vladsweep.sweep_dir": str(workdir / name)},
     ).info.run_id
+    base_test_map = base_map if base_test_map is None else base_test_map
+    parent_metrics = {
+        tracking.BASE_MAP_METRIC: base_map,
+        BASE_TEST_MAP_METRIC: base_test_map,
+        tracking.BASE_MEMORY_METRIC: 1150080 / 2**20,
+    }
+    for name, (val, test) in (baselines or {}).items():
+        parent_metrics[baseline_metric(name, "val")] = val
+        parent_metrics[baseline_metric(name, "test")] = test
+        parent_metrics[baseline_metric(name, "synthetic-val")] = val
+        parent_metrics[baseline_metric(name, "synthetic-test")] = test
     client.log_batch(
         parent,
-        metrics=[Metric("base_mAP", base_map, 0, 0), Metric("base_memory_mib", 1150080 / 2**20, 0, 0)],
+        metrics=[Metric(k, v, 0, 0) for k, v in parent_metrics.items()],
         params=[Param("base.image_size", str(IMAGE_SIZE))],
     )
     runs, files = {}, {}
@@ -89,21 +128,25 @@ def log_sweep(
         params = {"bits": t.get("bits", 4), "sparsity_target": t.get("sparsity", 0.5), "base_key": "k"}
         metrics = {}
         if status == "FINISHED":
-            path = workdir / t["id"] / "model.vlad.safetensors"
+            path = workdir / t["id"] / ARTIFACT_FILE
             totals = tiny_artifact(path, t.get("bits", 4), t.get("sparsity", 0.5), seed=i)
             files[t["id"]] = path
             mib = t.get("memory_mib", totals["memory_mib"])
-            map_ = t["mAP"](path) if callable(t["mAP"]) else t["mAP"]
+            val = t["mAP"]
+            test = t["test"](path) if callable(t.get("test")) else t.get("test", val - 0.02)
             metrics = {
-                "mAP": map_,
-                "mAP_synthetic-test": map_,
-                "mAP_drop": (base_map - map_) / base_map,
+                MAP_KEY: val,
+                TEST_MAP_KEY: test,
+                map_key("synthetic-val"): val,
+                map_key("synthetic-test"): test,
+                DROP_KEY: (base_map - val) / base_map,
+                TEST_DROP_KEY: (base_test_map - test) / base_test_map,
                 "memory_mib": mib,
                 "compression_ratio": totals["dense_fp32_bytes"] / (mib * 2**20),
                 "sparsity": totals["sparsity"],
             }
             if t.get("artifact", t.get("pareto")):
-                (path.parent / "layers.json").write_text(json.dumps({"totals": totals}))
+                (path.parent / LAYERS_JSON).write_text(json.dumps({"totals": totals}))
                 client.log_artifacts(run, str(path.parent), artifact_path="model")
         client.log_batch(
             run,
@@ -116,11 +159,14 @@ def log_sweep(
     return parent, runs, files
 
 
-#: The main sweep. Memory grows with bits (measured on the files): t1 < t2 < t4 < t3.
+#: The main sweep: "mAP" is the val mAP (what decides), "test" the test mAP. Memory grows with bits (measured on
+#: the files): t1 < t2 < t4 < t3.
 TRIALS = [
-    {"id": "t1", "bits": 2, "sparsity": 0.8, "mAP": 0.60, "pareto": True},  # drop 25 %
-    {"id": "t2", "bits": 4, "sparsity": 0.5, "mAP": 0.78, "pareto": True},  # drop 2.5 %
-    {"id": "t3", "bits": 8, "sparsity": 0.0, "mAP": 0.788, "pareto": True},  # drop 1.5 %
+    # Val drop 25 %; below the thumbnails baseline (0.62).
+    {"id": "t1", "bits": 2, "sparsity": 0.8, "mAP": 0.60, "test": 0.57, "pareto": True},
+    # Val drop 2.5 %, test drop 0 %: on test it would beat t3, but selection never looks at test.
+    {"id": "t2", "bits": 4, "sparsity": 0.5, "mAP": 0.78, "test": 0.76, "pareto": True},
+    {"id": "t3", "bits": 8, "sparsity": 0.0, "mAP": 0.788, "test": 0.70, "pareto": True},  # val drop 1.5 %
     # Dominated by t2 (bigger and worse). It keeps the file it got while it was on the front of an earlier sync.
     {"id": "t4", "bits": 6, "sparsity": 0.3, "mAP": 0.70, "pareto": False, "artifact": True},
     # Dominated, never on the front: no file logged.
@@ -141,7 +187,7 @@ def store(tmp_path_factory) -> Store:
         client, exp, "old-sweep", 1_000_000, [{"id": "old1", "mAP": 0.5, "pareto": True}], 0.6, root / "old"
     )
     s.parent, s.runs, s.files = log_sweep(
-        client, exp, "main-sweep", 2_000_000, TRIALS, BASE_MAP, root / "main"
+        client, exp, "main-sweep", 2_000_000, TRIALS, BASE_MAP, root / "main", BASE_TEST_MAP, BASELINES
     )
     s.runs["old1"] = old_runs["old1"]
     mibs = {t: client.get_run(s.runs[t]).data.metrics["memory_mib"] for t in ("t1", "t2", "t3", "t4")}
@@ -155,12 +201,15 @@ def run_main(args: list[str], capsys) -> tuple[int, str, str]:
     return code, out, err
 
 
-def test_release_reads_the_tags_tracking_writes():
-    from sweep import tracking
-
-    assert release.ROLE_TAG == tracking.ROLE_TAG
-    for uri in ("sqlite:///mlflow.db", "sqlite:////abs/m.db", "http://127.0.0.1:5000"):
-        assert release.absolute_uri(uri) == tracking.resolve_tracking_uri(uri)
+def test_release_resolves_the_store_like_the_sweep(tmp_path, monkeypatch):
+    """A relative sqlite URI names the same file for `sweep/run.py` and the release; a missing store is refused."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ReleaseError, match=str(tmp_path / "mlflow.db")):
+        release.check_store("sqlite:///mlflow.db")
+    (tmp_path / "mlflow.db").touch()
+    assert release.check_store("sqlite:///mlflow.db") == tracking.resolve_tracking_uri("sqlite:///mlflow.db")
+    assert release.check_store("sqlite:///mlflow.db") == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert release.check_store("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
 
 
 def test_parse_fraction():
@@ -186,7 +235,28 @@ def test_list_shows_the_front_of_the_latest_sweep(store, capsys):
     assert store.runs["t4"] not in out and store.runs["t5"] not in out
     assert "(base model)" in out and "0.8000" in out
     t2 = next(r for r in rows if r.split()[1] == "t2")
-    assert "2.5%" in t2 and "bits=4" in t2 and "base_key" not in t2  # bits varies across trials, base_key not
+    assert "bits=4" in t2 and "base_key" not in t2  # bits varies across trials, base_key not
+    header = out.splitlines()[1].split()
+    assert header[:8] == [
+        "run_id",
+        "trial",
+        "memory_mib",
+        "ratio",
+        MAP_KEY,
+        "val_drop",
+        TEST_MAP_KEY,
+        "test_drop",
+    ]
+    # Val beside test: mAP, drop, test mAP, test drop.
+    assert t2.split()[4:8] == ["0.7800", "2.5%", "0.7600", "0.0%"]
+    base = next(line for line in out.splitlines() if line.startswith("(base model)"))
+    assert base.split()[3:8] == ["1.0", "0.8000", "0.0%", "0.7600", "0.0%"]
+    # The baselines, and the front member below the best zero-byte one, marked.
+    thumbs = next(line for line in out.splitlines() if line.startswith("(thumbnails)"))
+    assert thumbs.split()[1:3] == ["0.6200", "0.5800"] and "the best zero-byte" in thumbs
+    t1 = next(r for r in rows if r.split()[1] == "t1")
+    assert "BELOW thumbnails" in t1 and "BELOW" not in t2
+    assert "Best zero-byte baseline: thumbnails (val_mAP 0.6200); 1 front member below it" in out
 
 
 def test_parent_run_id_selects_another_sweep(store, capsys):
@@ -209,7 +279,12 @@ def test_parent_run_id_selects_another_sweep(store, capsys):
 def test_picks(store):
     sweep = open_sweep(store.uri, EXPERIMENT)
     drop = {x: pick_by_max_drop(sweep, parse_fraction(x)).trial_id for x in ("3%", "0.03", "2%", "25%", "1")}
+    # Validation decides: at 2% that is t3 (val drop 1.5%), though its test drop (7.9%) is the front's worst.
     assert drop == {"3%": "t2", "0.03": "t2", "2%": "t3", "25%": "t1", "1": "t1"}
+    t3 = sweep.trial(store.runs["t3"])
+    assert t3.map_drop == pytest.approx(0.015) and t3.test_drop == pytest.approx(1 - 0.70 / 0.76)
+    assert sweep.best_baseline == ("thumbnails", 0.62)
+    assert sweep.baselines["off_the_shelf"] == 0.7 and sweep.test_baselines["thumbnails"] == 0.58
     mib = {t: sweep.trial(store.runs[t]).memory_mib for t in ("t1", "t2", "t3", "t4")}
     assert pick_by_max_memory(sweep, mib["t4"]).trial_id == "t2"  # t4 fits too but is dominated
     assert pick_by_max_memory(sweep, mib["t3"]).trial_id == "t3"
@@ -223,7 +298,10 @@ def test_nothing_qualifies_lists_the_closest(store):
         pick_by_max_drop(sweep, 0.01)
     lines = str(err.value).splitlines()
     assert "at most 1.0%" in lines[0]
-    assert "trial t3" in lines[1] and "drop 1.5%" in lines[1], "the closest first: the smallest drop"
+    assert "trial t3" in lines[1] and "drop 1.5% (test 7.9%)" in lines[1], (
+        "the closest first: the smallest drop"
+    )
+    assert f"{MAP_KEY} 0.7880 (test 0.7000)" in lines[1]
     assert "trial t2" in lines[2]
     with pytest.raises(ReleaseError) as err:
         pick_by_max_memory(sweep, 0.001)
@@ -244,7 +322,14 @@ def test_release_registers_a_version_and_the_alias_resolves(store, capsys, tmp_p
     mv = _version(store, name)
     assert str(mv.version) == "1" and mv.run_id == store.runs["t2"]
     assert mv.tags["trial_id"] == "t2" and mv.tags["pareto"] == "true" and mv.tags["forced"] == "false"
-    assert float(mv.tags["mAP"]) == 0.78 and float(mv.tags["mAP_drop"]) == pytest.approx(0.025)
+    assert float(mv.tags[MAP_KEY]) == 0.78 and float(mv.tags[DROP_KEY]) == pytest.approx(0.025)
+    assert float(mv.tags[TEST_MAP_KEY]) == 0.76 and float(mv.tags[TEST_DROP_KEY]) == pytest.approx(0.0)
+    assert float(mv.tags[BASE_TEST_MAP_METRIC]) == BASE_TEST_MAP
+    assert (
+        mv.tags["below_zero_byte_baseline"] == "false"
+        and mv.tags["best_zero_byte_baseline"] == "thumbnails=0.62"
+    )
+    assert f"{TEST_MAP_KEY} 0.7600" in mv.description
     assert mv.tags["config.bits"] == "4" and mv.tags["base.image_size"] == str(IMAGE_SIZE)
     assert mv.tags["artifact_sha256"] == _sha256(store.files["t2"])
     assert mv.tags["sweep_parent_run_id"] == store.parent
@@ -255,9 +340,9 @@ def test_release_registers_a_version_and_the_alias_resolves(store, capsys, tmp_p
     local = Path(
         mlflow.artifacts.download_artifacts(f"models:/{name}@release", dst_path=str(tmp_path / "dl"))
     )
-    artifact = local / "model.vlad.safetensors"
+    artifact = local / ARTIFACT_FILE
     assert _sha256(artifact) == _sha256(store.files["t2"])
-    assert (local / "layers.json").is_file()
+    assert (local / LAYERS_JSON).is_file()
     model = load_compressed(artifact)
     assert model.compression_meta["meta"]["base"]["image_size"] == IMAGE_SIZE
     with torch.no_grad():
@@ -272,9 +357,19 @@ def test_release_registers_a_version_and_the_alias_resolves(store, capsys, tmp_p
     assert str(_version(store, name).version) == "1"
     assert len(store.client.search_model_versions(f"name = '{name}'")) == 2
 
-    code, out, _ = run_main([*base, "--run-id", store.runs["t1"], "--alias", "smallest"], capsys)
+    # t1 is on the front but below the best zero-byte baseline: refused, whichever way it is picked.
+    for pick in (["--run-id", store.runs["t1"]], ["--max-map-drop", "25%"]):
+        code, _, err = run_main([*base, *pick, "--alias", "smallest"], capsys)
+        assert code == 2, pick
+        assert "trial t1" in err and f"{MAP_KEY} 0.6000 < 0.6200 for thumbnails" in err and "--force" in err
+    with pytest.raises(mlflow.exceptions.MlflowException):
+        _version(store, name, "smallest")
+    code, out, err = run_main([*base, "--run-id", store.runs["t1"], "--alias", "smallest", "--force"], capsys)
     assert code == 0 and out.strip().splitlines()[-1] == f"models:/{name}@smallest"
-    assert _version(store, name, "smallest").run_id == store.runs["t1"]
+    assert "warning: releasing a trial below the best zero-byte baseline" in err
+    mv = _version(store, name, "smallest")
+    assert mv.run_id == store.runs["t1"]
+    assert mv.tags["below_zero_byte_baseline"] == "true" and mv.tags["forced"] == "true"
     assert str(_version(store, name).version) == "1", "another alias leaves 'release' where it was"
 
 
@@ -348,7 +443,7 @@ def test_a_damaged_artifact_is_not_released(store, tmp_path, capsys):
     )
     # Flip one payload byte in the logged copy: the checksum of that tensor no longer matches.
     run = client.get_run(runs["d1"])
-    logged = Path(run.info.artifact_uri.removeprefix("file://")) / "model" / "model.vlad.safetensors"
+    logged = Path(run.info.artifact_uri.removeprefix("file://")) / "model" / ARTIFACT_FILE
     data = bytearray(logged.read_bytes())
     data[-100] ^= 0xFF
     logged.write_bytes(bytes(data))
@@ -367,13 +462,13 @@ def test_released_model_serves_the_mAP_its_trial_logged(store, tmp_path):
     exp = client.create_experiment("chain", artifact_location=str(tmp_path / "artifacts"))
 
     def measure(path: Path) -> float:
-        # The trial's mAP exactly as trainables/pipeline.py measures it: decode the file, evaluate the test split.
+        # The trial's test mAP exactly as trainables/pipeline.py measures it: decode the file, evaluate the split.
         return evaluate_dataset(load_compressed(path), load_dataset("synthetic-test"), IMAGE_SIZE)["mAP"]
 
-    _, runs, _ = log_sweep(
-        client, exp, "chain-sweep", 1, [{"id": "c1", "mAP": measure, "pareto": True}], 0.9, tmp_path / "w"
-    )
-    logged = client.get_run(runs["c1"]).data.metrics["mAP"]
+    trial = {"id": "c1", "mAP": 0.5, "test": measure, "pareto": True}
+    _, runs, _ = log_sweep(client, exp, "chain-sweep", 1, [trial], 0.9, tmp_path / "w")
+    logged = client.get_run(runs["c1"]).data.metrics[map_key("synthetic-test")]
+    assert logged == client.get_run(runs["c1"]).data.metrics[TEST_MAP_KEY]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
     proc = subprocess.run(
@@ -386,7 +481,7 @@ def test_released_model_serves_the_mAP_its_trial_logged(store, tmp_path):
     assert model_uri == "models:/chain@release"
 
     proc = subprocess.run(
-        [sys.executable, "-m", "trainables.retrieval.search", "--model", model_uri, "--mlflow-uri", uri,
+        [sys.executable, "-m", "trainables.serving", "--model", model_uri, "--mlflow-uri", uri,
          "--evaluate", "synthetic-test", "--json"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip

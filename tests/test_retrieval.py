@@ -17,7 +17,7 @@ from trainables.data.images import ImageReadError, load_image
 from trainables.data.oxford import RetrievalDataset, load_original
 from trainables.retrieval.evaluate import evaluate_dataset, random_ranking_map
 from trainables.retrieval.extract import _shape_batches, extract_descriptors
-from trainables.retrieval.search import gpu_available, rank_database
+from trainables.retrieval.rank import gpu_available, rank_database
 
 # --- helpers ------------------------------------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""Serving: ``python -m trainables.retrieval.search`` on a small folder of synthetic images with a real artifact.
+"""Serving: ``python -m trainables.serving`` on a small folder of synthetic images with a real artifact.
 
 Covers the top-k output, the index cache (built once, reused, updated for new files, per model, and its fallback
 when the database folder cannot hold it), a tampered artifact refused with the codec's error, and ``--evaluate``
@@ -20,11 +20,13 @@ import pytest
 from tiny_artifacts import IMAGE_SIZE, copy_images, tiny_artifact
 
 from trainables.compression.codec import load_compressed
+from trainables.contract import ARTIFACT_FILE
 from trainables.data.registry import load_dataset
 from trainables.data.synthetic import ensure_synthetic
-from trainables.retrieval import search
+from trainables.fileio import file_sha256
 from trainables.retrieval.evaluate import evaluate_dataset
-from trainables.retrieval.index import CACHE_DIRNAME, file_sha256, list_images
+from trainables.serving import cli as serving
+from trainables.serving.index import CACHE_DIRNAME, list_images
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,7 +38,7 @@ def synthetic_jpg() -> Path:
 
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("model") / "model.vlad.safetensors"
+    path = tmp_path_factory.mktemp("model") / ARTIFACT_FILE
     tiny_artifact(path, bits=4, sparsity=0.5)
     return path
 
@@ -51,7 +53,7 @@ def database(tmp_path, synthetic_jpg) -> Path:
 def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same arithmetic as the test process (one torch thread)
     return subprocess.run(
-        [sys.executable, "-m", "trainables.retrieval.search", *map(str, args)],
+        [sys.executable, "-m", "trainables.serving", *map(str, args)],
         cwd=cwd,
         env=env,
         capture_output=True,
@@ -106,9 +108,9 @@ def test_top_k_output_and_the_cache_is_built_then_reused(artifact, database, tmp
     new = database / "b" / "new.jpg"
     shutil.copy(sorted(database.rglob("*.jpg"))[0], new)
     os.utime(new, ns=(built_at + 10**9, built_at + 10**9))
-    caplog.set_level(logging.INFO, logger="trainables.retrieval.index")
+    caplog.set_level(logging.INFO, logger="trainables.serving.index")
     assert (
-        search.main(["--model", str(artifact), "--database", str(database), "--query", str(new), "--json"])
+        serving.main(["--model", str(artifact), "--database", str(database), "--query", str(new), "--json"])
         == 0
     )
     assert any("extracted 1 " in r.getMessage() and "reused 24" in r.getMessage() for r in caplog.records)
@@ -120,9 +122,9 @@ def test_top_k_output_and_the_cache_is_built_then_reused(artifact, database, tmp
 def test_another_model_gets_its_own_cache(artifact, database, tmp_path, caplog, capsys):
     other = tmp_path / "other.vlad.safetensors"
     tiny_artifact(other, bits=2, sparsity=0.7)
-    caplog.set_level(logging.INFO, logger="trainables.retrieval.index")
+    caplog.set_level(logging.INFO, logger="trainables.serving.index")
     for model in (artifact, other):
-        assert search.main(["--model", str(model), "--database", str(database), "-q"]) == 0
+        assert serving.main(["--model", str(model), "--database", str(database), "-q"]) == 0
     names = {p.name[:16] for p in cache_files(database / CACHE_DIRNAME)}
     assert names == {file_sha256(artifact)[:16], file_sha256(other)[:16]}
     assert sum("index: built" in r.getMessage() for r in caplog.records) == 2
@@ -134,13 +136,13 @@ def test_unwritable_database_caches_in_the_user_cache(artifact, database, tmp_pa
     # go makes the folder impossible to create for any user.
     (database / CACHE_DIRNAME).write_text("in the way")
     monkeypatch.setenv("VLADSWEEP_CACHE", str(tmp_path / "cache"))
-    caplog.set_level(logging.INFO, logger="trainables.retrieval.index")
-    assert search.main(["--model", str(artifact), "--database", str(database), "-q"]) == 0
+    caplog.set_level(logging.INFO, logger="trainables.serving.index")
+    assert serving.main(["--model", str(artifact), "--database", str(database), "-q"]) == 0
     [index_file] = list((tmp_path / "cache" / "index").rglob("*.faiss"))
     assert any("not writable" in r.getMessage() for r in caplog.records)
     built_at = index_file.stat().st_mtime_ns
     caplog.clear()
-    assert search.main(["--model", str(artifact), "--database", str(database), "-q"]) == 0
+    assert serving.main(["--model", str(artifact), "--database", str(database), "-q"]) == 0
     assert any("index: reused" in r.getMessage() for r in caplog.records)
     assert index_file.stat().st_mtime_ns == built_at
 
@@ -172,7 +174,7 @@ def test_evaluate_equals_evaluate_dataset(artifact, tmp_path):
 
 def test_bad_inputs_exit_2_with_the_reason(artifact, database, tmp_path, capsys):
     def run(*args) -> str:
-        assert search.main([str(a) for a in args]) == 2
+        assert serving.main([str(a) for a in args]) == 2
         return capsys.readouterr().err
 
     assert "no such file" in run("--model", tmp_path / "missing.safetensors", "--database", database)
@@ -194,4 +196,4 @@ def test_bad_inputs_exit_2_with_the_reason(artifact, database, tmp_path, capsys)
         ["--evaluate", "x", "--query", "q.jpg"],
     ):
         with pytest.raises(SystemExit):
-            search.main(["--model", str(artifact), *map(str, args)])
+            serving.main(["--model", str(artifact), *map(str, args)])

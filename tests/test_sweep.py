@@ -13,11 +13,31 @@ from pathlib import Path
 import mlflow
 import optuna
 import pytest
-from conftest import TEST_BASE_STEPS, run_sweep_cli
+from conftest import TEST_PRESET, run_sweep_cli
+
+from trainables.contract import (
+    DROP_KEY,
+    MAP_KEY,
+    MEMORY_KEY,
+    OBJECTIVES,
+    TEST_DROP_KEY,
+    TEST_MAP_KEY,
+    map_key,
+)
 
 pytestmark = pytest.mark.slow
 
-OBJECTIVE_METRICS = ("mAP", "mAP_synthetic-test", "mAP_drop", "memory_mib", "compression_ratio", "sparsity")
+OBJECTIVE_METRICS = (
+    MAP_KEY,
+    TEST_MAP_KEY,
+    map_key("synthetic-val"),
+    map_key("synthetic-test"),
+    DROP_KEY,
+    TEST_DROP_KEY,
+    MEMORY_KEY,
+    "compression_ratio",
+    "sparsity",
+)
 
 
 def _runs(uri: str, experiment: str):
@@ -58,8 +78,9 @@ def test_sweep_logs_parent_children_front_and_artifacts(finished_sweep):
             assert math.isfinite(child.data.metrics[key]), key
         assert child.data.params["prune_mode"] == "sigma" and "threshold" in child.data.params
         assert child.data.metrics["seconds_trial"] > 0
-    # The front is exactly the non-dominated set of (mAP max, memory min).
-    points = {c.info.run_id: (c.data.metrics["mAP"], c.data.metrics["memory_mib"]) for c in children}
+    # The front is exactly the non-dominated set of (validation mAP max, memory min): test plays no part.
+    assert OBJECTIVES == {MAP_KEY: "max", MEMORY_KEY: "min"} and MAP_KEY == "val_mAP"
+    points = {c.info.run_id: (c.data.metrics[MAP_KEY], c.data.metrics[MEMORY_KEY]) for c in children}
     for child in children:
         m, mem = points[child.info.run_id]
         dominated = any(
@@ -71,7 +92,8 @@ def test_sweep_logs_parent_children_front_and_artifacts(finished_sweep):
 
 
 def test_front_member_file_is_what_memory_and_map_measure(finished_sweep, tmp_path):
-    """Honest numbers: memory_mib is the logged file's size, and the mAP is the decoded file's mAP."""
+    """Honest numbers: memory_mib is the logged file's size, and both mAPs (validation, the objective, and test,
+    reported beside it) are the decoded file's."""
     from trainables.compression.codec import load_compressed
     from trainables.data.registry import load_dataset
     from trainables.retrieval.evaluate import evaluate_dataset
@@ -87,8 +109,9 @@ def test_front_member_file_is_what_memory_and_map_measure(finished_sweep, tmp_pa
 
     model = load_compressed(artifact)
     image_size = model.compression_meta["meta"]["base"]["image_size"]
-    measured = evaluate_dataset(model, load_dataset("synthetic-test"), image_size)["mAP"]
-    assert measured == pytest.approx(member.data.metrics["mAP"], abs=1e-6)
+    for split, key in (("synthetic-val", MAP_KEY), ("synthetic-test", TEST_MAP_KEY)):
+        measured = evaluate_dataset(model, load_dataset(split), image_size)["mAP"]
+        assert measured == pytest.approx(member.data.metrics[key], abs=1e-6), split
 
 
 def test_resume_of_a_finished_sweep_reruns_nothing(finished_sweep):
@@ -106,8 +129,8 @@ def test_resume_of_a_finished_sweep_reruns_nothing(finished_sweep):
             finished_sweep.experiment,
             "--mlflow-uri",
             finished_sweep.mlflow_uri,
-            "--base-steps",
-            TEST_BASE_STEPS,
+            "--preset",
+            TEST_PRESET,
         ],
         cwd=finished_sweep.root,
     )
@@ -115,8 +138,8 @@ def test_resume_of_a_finished_sweep_reruns_nothing(finished_sweep):
     _, parents, after = _runs(finished_sweep.mlflow_uri, finished_sweep.experiment)
     assert len(parents) == 1
     assert sorted(r.data.tags["trial_id"] for r in after) == sorted(r.data.tags["trial_id"] for r in before)
-    assert {r.info.run_id: r.data.metrics["mAP"] for r in after} == {
-        r.info.run_id: r.data.metrics["mAP"] for r in before
+    assert {r.info.run_id: r.data.metrics[MAP_KEY] for r in after} == {
+        r.info.run_id: r.data.metrics[MAP_KEY] for r in before
     }
     before_builds = parent_before.data.tags["base_builds"]
     assert parents[0].data.tags["base_builds"] == before_builds, "the cached base must be reused, not rebuilt"
@@ -143,8 +166,8 @@ def _sweep(tmp_path: Path, storage: Path, space: Path, name: str, *extra: str) -
             name,
             "--mlflow-uri",
             uri,
-            "--base-steps",
-            TEST_BASE_STEPS,
+            "--preset",
+            TEST_PRESET,
             *extra,
         ],
         cwd=tmp_path,
@@ -165,8 +188,9 @@ def test_same_seed_gives_same_configs_and_metrics(tmp_path, sweep_storage, tiny_
                 (
                     float(c.data.params["threshold"]),
                     int(c.data.params["bits"]),
-                    c.data.metrics["mAP"],
-                    c.data.metrics["memory_mib"],
+                    c.data.metrics[MAP_KEY],
+                    c.data.metrics[TEST_MAP_KEY],
+                    c.data.metrics[MEMORY_KEY],
                 )
                 for c in children
             )
@@ -193,6 +217,6 @@ def test_a_failing_trial_is_recorded_and_the_sweep_goes_on(tmp_path, sweep_stora
     assert "prune" in failed.data.tags["error"].lower()
     assert failed.data.tags["retries"] == "2", "one try plus one retry (FailureConfig)"
     assert failed.data.tags["pareto"] == "false"
-    assert "mAP" not in failed.data.metrics
+    assert MAP_KEY not in failed.data.metrics and TEST_MAP_KEY not in failed.data.metrics
     assert parents[0].data.tags["pareto_size"] == "1"
     assert "1 failed" in proc.stdout

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import socket
+import os
+import subprocess
 import time
 
-from conftest import run_sweep_cli
-
-
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from conftest import REPO, SYSTEM_DEPS, run_sweep_cli
+from net import free_port
 
 
 def test_help_explains_every_flag(tmp_path):
@@ -46,7 +42,7 @@ def test_search_space_error_names_file_key_and_value(tmp_path):
 
 
 def test_unreachable_mlflow_server_refuses_within_seconds(tmp_path):
-    uri = f"http://127.0.0.1:{_closed_port()}"
+    uri = f"http://127.0.0.1:{free_port()}"
     start = time.monotonic()
     proc = run_sweep_cli(["--mlflow-uri", uri, "--storage", str(tmp_path / "r")], cwd=tmp_path)
     assert proc.returncode == 2
@@ -83,3 +79,38 @@ def test_resume_without_a_sweep_and_a_second_run_without_resume(tmp_path):
     (existing / "experiment_state-2026.json").write_text("{}")
     proc = run_sweep_cli(["--name", "taken", "--storage", str(tmp_path / "r")], cwd=tmp_path)
     assert proc.returncode == 2 and "--resume" in proc.stderr
+
+
+def _readme_commands() -> list[str]:
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    return readme.split("```bash\n", 1)[1].split("```", 1)[0].strip().splitlines()
+
+
+def test_ci_runs_exactly_the_readmes_test_command_which_installs_the_system_packages():
+    run_cmd, test_cmd = _readme_commands()
+    assert run_cmd.endswith("sweep/run.py") and test_cmd.endswith("pytest -q")
+    assert test_cmd in (REPO / ".ci" / "run").read_text().splitlines(), (
+        ".ci/run must run the README's command"
+    )
+    assert str(SYSTEM_DEPS.relative_to(REPO)) in test_cmd
+    assert os.access(SYSTEM_DEPS, os.X_OK) and os.access(REPO / ".ci" / "run", os.X_OK)
+    assert "set -euo pipefail" in (REPO / ".ci" / "run").read_text()  # pytest's exit 5 (no tests) fails CI
+
+
+def test_system_deps_says_what_to_run_when_it_may_not_install(tmp_path):
+    """Not root, no sudo: nothing installed, the apt-get line printed, exit status 10."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "id").write_text("#!/bin/sh\necho 1000\n")
+    (bin_dir / "id").chmod(0o755)
+    for tool in ("sort", "cat"):
+        (bin_dir / tool).symlink_to(f"/usr/bin/{tool}")
+    proc = subprocess.run(
+        ["/bin/bash", str(SYSTEM_DEPS)],
+        env={"PATH": str(bin_dir), "HOME": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 10, proc.stderr
+    assert "sudo apt-get install -y" in proc.stderr and "rsync" in proc.stderr and "chromium" in proc.stderr

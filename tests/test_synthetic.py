@@ -14,12 +14,13 @@ from trainables.data.oxford import load_original
 from trainables.data.registry import load_dataset
 from trainables.data.synthetic import (
     REGIONS,
-    baseline_map,
+    VERSION,
     build_split,
     ensure_synthetic,
     synthetic_root,
     tree_digest,
 )
+from trainables.retrieval.baselines import baseline_map
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +50,7 @@ def test_layout_counts_and_manifest(cache):
     root = synthetic_root(cache, 0)
     manifest = json.loads((root / "manifest.json").read_text())
     assert manifest["digest"] == tree_digest(root)
-    for split in ("train", "test"):
+    for split in ("train", "val", "test"):
         ds = load_original(root / split, f"synthetic-{split}")
         assert len(ds.landmarks()) == 11 and len(ds.queries) == 55
         assert 200 <= len(ds.images) <= 500
@@ -80,6 +81,21 @@ def test_splits_have_disjoint_places_and_photos(cache):
     assert not set(train.images) & set(test.images)
 
 
+def test_validation_holds_new_views_of_the_training_places_and_none_of_test(cache):
+    """Selection reads validation: its places are train's (the bundled photos allow no third set), its images are
+    its own, and nothing of it is in the test split."""
+    import hashlib
+
+    train, val, test = (load_dataset(f"synthetic-{s}", data_root=cache) for s in ("train", "val", "test"))
+    assert set(val.landmarks()) == set(train.landmarks())
+    assert not set(val.landmarks()) & set(test.landmarks())
+
+    def digests(ds):
+        return {hashlib.sha256(ds.image_path(i).read_bytes()).hexdigest() for i in range(len(ds.images))}
+
+    assert not digests(val) & digests(train) and not digests(val) & digests(test)
+
+
 def test_not_trivial_for_raw_pixels(cache):
     """Model-free baselines must stay well below 1 (the set has to leave room for compression to show),
     yet well above chance (the ground truth has to follow the pictures)."""
@@ -98,7 +114,7 @@ def test_cached_set_is_reused(cache):
 
 def test_env_var_sets_default_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("VLADSWEEP_CACHE", str(tmp_path / "envcache"))
-    assert synthetic_root(None, 5) == tmp_path / "envcache" / "synthetic-v1-s5"
+    assert synthetic_root(None, 5) == tmp_path / "envcache" / f"synthetic-v{VERSION}-s5"
 
 
 def test_concurrent_builders_and_stale_folder(tmp_path):

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from trainables.base import META_FILE, MODEL_FILE, BaseConfig, _write_atomically, build_base, load_base, main
+from trainables.base import META_FILE, MODEL_FILE, BaseConfig, build_base, load_base, main
 from trainables.data.registry import load_dataset
 from trainables.data.synthetic import ensure_synthetic
-from trainables.data.tuples import TripletMiner
+from trainables.data.tuples import TripletMiner, describe_paths_with
+from trainables.fileio import atomic_directory
 from trainables.netvlad import NetVLADConfig, NetVLADModel, init_clusters
 from trainables.retrieval.evaluate import evaluate_dataset
 from trainables.train import DivergedError, make_train_fn, train_triplet, triplet_loss
@@ -108,7 +109,18 @@ def test_build_base_writes_loads_and_is_deterministic(cache, tmp_path, capsys):
     config = BaseConfig(
         data_root=str(cache), seed=3, num_clusters=4, whitening_dim=16, image_size=64, steps=4
     )
-    args = ["--data-root", str(cache), "--out", str(tmp_path / "a"), "--quiet", "--steps", "4", "--seed", "3"]
+    args = [
+        "--preset",
+        "tiny",
+        "--data-root",
+        str(cache),
+        "--out",
+        str(tmp_path / "a"),
+        "--quiet",
+        "--steps",
+        "4",
+    ]
+    args += ["--seed", "3"]
     args += ["--num-clusters", "4", "--whitening-dim", "16", "--image-size", "64"]
     assert main(args) == 0
     printed = capsys.readouterr().out
@@ -123,7 +135,16 @@ def test_build_base_writes_loads_and_is_deterministic(cache, tmp_path, capsys):
         maps[s]["mAP"] for s in ("off_the_shelf", "finetuned_no_whitening", "finetuned")
     ]
     assert all(np.isfinite(values)) and all(0 <= v <= 1 for v in values)
-    assert meta["mAP"] == maps["finetuned"]["mAP"]
+    assert meta["test_mAP"] == maps["finetuned"]["mAP"]
+    assert meta["val_mAP"] == meta["maps"]["synthetic-val"]["finetuned"]["mAP"]
+    # The baselines every front is read against, per split: zero-byte ones and the network before fine-tuning.
+    for split in ("synthetic-val", "synthetic-test"):
+        b = meta["baselines"][split]
+        assert set(b) == {"random", "thumbnails", "histogram", "off_the_shelf"}
+        assert (
+            b["random"] < b["thumbnails"] < 1
+            and b["off_the_shelf"] == meta["maps"][split]["off_the_shelf"]["mAP"]
+        )
     assert set(meta["seconds"]) >= {"kmeans_init", "finetune", "whitening", "total"}
 
     # Same seed, same config (once through the CLI, once through the API) -> identical mAPs and weights.
@@ -165,10 +186,119 @@ def test_atomic_write_leaves_nothing_on_crash(tmp_path):
         raise RuntimeError("killed mid-write")
 
     with pytest.raises(RuntimeError, match="killed"):
-        _write_atomically(tmp_path / "base", crash, overwrite=False)
+        atomic_directory(tmp_path / "base", crash, is_complete=lambda p: (p / META_FILE).is_file())
     assert list(tmp_path.iterdir()) == []
 
 
 def test_load_base_names_missing_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="meta.json"):
         load_base(tmp_path)
+
+
+def test_presets_are_the_one_table_of_base_defaults(capsys):
+    """A preset is its fields over the dataclass defaults; flags override single fields; the sweep's default for
+    real data is the poster's model, the same base `python -m trainables.base` builds with the same flags."""
+    from trainables.base import PRESETS, default_preset, preset_config
+
+    assert preset_config("tiny") == BaseConfig()
+    assert preset_config("embedded").backbone == "efficientnet_lite0"
+    poster = preset_config("poster-alexnet", {"data_root": "/data"})
+    assert (poster.backbone, poster.num_clusters, poster.whitening_dim, poster.image_size) == (
+        "alexnet",
+        64,
+        4096,
+        1024,
+    )
+    assert preset_config("poster-vgg16").backbone == "vgg16"
+    assert default_preset("paris6k", "vgg16") == "poster-vgg16" and default_preset(None, None) == "embedded"
+    assert preset_config("embedded", {"whitening_dim": None}).whitening_dim is None
+    with pytest.raises(ValueError, match="preset 'nope' is not one of embedded"):
+        preset_config("nope")
+    assert set(PRESETS) >= {"embedded", "tiny", "tiny-test", "poster-alexnet", "poster-vgg16"}
+
+    assert main(["--dataset", "paris6k", "--data-root", "/data", "--backbone", "alexnet", "--show"]) == 0
+    shown = capsys.readouterr().out
+    assert f"key {poster.key()}" in shown and "num_clusters = 64" in shown
+    assert main(["--preset", "embedded", "--image-size", "96", "--whitening-dim", "0", "--show"]) == 0
+    shown = capsys.readouterr().out
+    assert "image_size = 96" in shown and "whitening_dim = None" in shown
+    assert main(["--dataset", "paris6k", "--show"]) == 2
+    assert "needs --data-root" in capsys.readouterr().err
+
+
+def _probe_loss(model, tuples, n_pos: int) -> float:
+    """Mean triplet loss of fixed tuples (fixed negatives): a training loss that does not move with re-mining."""
+    model.eval()
+    with torch.no_grad():
+        total = 0.0
+        for t in tuples:
+            d = model(t)
+            total += float(triplet_loss(d[0], d[1 : 1 + n_pos], d[1 + n_pos :]))
+    return total / len(tuples)
+
+
+def test_quantize_stage_moves_centroids_and_lowers_the_loss_under_the_shipped_settings(train_split):
+    """The embedded default's quantize stage (smoke.yaml's lr and quant_steps, `make_train_fn`'s recipe) trains:
+    every codebook moves by a visible fraction of its spacing and the training loss falls."""
+    from search_spaces.schema import load_search_space
+    from trainables.compression.plan import CompressionPlan
+    from trainables.compression.quantize import quantized_view
+    from trainables.compression.schedule import quantize_and_finetune
+    from trainables.contract import resolve_trial_config
+
+    fixed = dict(load_search_space("smoke.yaml").fixed)
+    settings = resolve_trial_config({**fixed, "bits": 3, "prune_mode": "none"})
+    plan = CompressionPlan.from_dict(settings["plan"])
+    model = small_model(train_split)
+    groups = {g: n for g, n in model.compression_groups().items() if g in plan.groups}
+    miner = TripletMiner(train_split, 64, num_negatives=2, neg_pool_size=30, seed=1, anchors_per_epoch=24)
+    probe = TripletMiner(train_split, 64, num_negatives=2, neg_pool_size=60, seed=2, anchors_per_epoch=24)
+    train_fn = make_train_fn(miner, settings["lr"], progress=False, batch_size=2)
+
+    quantize_and_finetune(
+        model, CompressionPlan.from_dict({**settings["plan"], "quant_steps": 0}), groups, train_fn
+    )
+    model.eval()
+    with torch.no_grad():
+        probe.refresh(describe_paths_with(model, 64))
+    tuples = probe.sample(12)
+    before_loss = _probe_loss(model, tuples, probe.num_positives)
+    names = [name for names in groups.values() for name in names]
+    before = {n: quantized_view(model.get_submodule(n)).codebook.clone() for n in names}
+
+    train_fn(model, plan.quant_steps, None)
+
+    after_loss = _probe_loss(model, tuples, probe.num_positives)
+    for n in names:
+        now = quantized_view(model.get_submodule(n)).codebook
+        spacing = float((before[n][1:] - before[n][:-1]).abs().mean())
+        assert float((now - before[n]).abs().max()) > 0.05 * spacing, f"centroids of {n} hardly moved"
+    assert after_loss < before_loss
+
+
+def test_l1_proximal_step_zeroes_weights_that_the_threshold_then_prunes(train_split):
+    """Under the real loop, L1 is a proximal step: weights land exactly on 0 (a subgradient never does), and more of
+    them fall below a pruning threshold than without L1 after the same steps."""
+    from trainables.compression.l1 import l1_penalty
+
+    counts = []
+    for lam in (0.0, 20.0):
+        model = small_model(train_split)
+        miner = TripletMiner(train_split, 64, num_negatives=2, neg_pool_size=30, seed=1, anchors_per_epoch=12)
+        conv = {"conv": model.compression_groups()["conv"]}
+        extra = l1_penalty(model, conv, lam) if lam else None
+        train_triplet(model, miner, 4, 1e-2, extra_loss=extra, progress=False, batch_size=2, relative_lr=True)
+        weights = torch.cat([model.get_submodule(n).weight.detach().reshape(-1) for n in conv["conv"]])
+        counts.append((int((weights == 0).sum()), int((weights.abs() < 0.05 * weights.std()).sum())))
+    (zeros_plain, below_plain), (zeros_l1, below_l1) = counts
+    assert zeros_plain == 0 and zeros_l1 > 0
+    assert below_l1 > below_plain
+
+
+def test_train_fn_counts_steps_across_calls_for_re_mining(train_split):
+    model = small_model(train_split)
+    miner = TripletMiner(train_split, 64, num_negatives=2, neg_pool_size=30, seed=1, anchors_per_epoch=12)
+    train_fn = make_train_fn(miner, 1e-3, progress=False, batch_size=1, refresh_every=3)
+    for steps in (2, 2, 2):
+        train_fn(model, steps, None)
+    assert miner.refreshes == 2  # steps 0 and 3 of the six, not at the start of each call

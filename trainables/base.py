@@ -1,4 +1,4 @@
-"""The shared base model of a sweep (DESIGN §3 stage 1): NetVLAD k-means init, triplet fine-tune, PCA whitening.
+"""The shared base model of a sweep (docs/stages.md#the-base-model): NetVLAD k-means init, triplet fine-tune, PCA whitening.
 
 `build_base(config, out_dir)` writes ``out_dir/model.safetensors`` and ``out_dir/meta.json`` (config, its key,
 mAP per test set for random ranking / off-the-shelf / fine-tuned, seconds per stage); `load_base(out_dir)` reads
@@ -8,9 +8,11 @@ A sweep caches one base per `BaseConfig.key()` (sweep/base_cache.py).
 Protocols: ``synthetic`` trains on ``synthetic-train`` and tests on ``synthetic-test`` (disjoint places);
 real data is cross-dataset as in the poster: train on ``paris6k`` -> test on ``oxford5k``, and the reverse.
 
-CLI::
+Presets (`PRESETS`) name the base models a user builds; flags override single fields. CLI::
 
-    python -m trainables.base --dataset synthetic --backbone tiny --out DIR [--data-root ...] [--steps N]
+    python -m trainables.base --preset embedded --out DIR
+    python -m trainables.base --preset poster-vgg16 --data-root D --show      # print the config, build nothing
+    python -m trainables.base --dataset paris6k --data-root D --backbone alexnet --out DIR   # = poster-alexnet
 """
 
 from __future__ import annotations
@@ -21,41 +23,56 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import faiss  # DESIGN §9: faiss before torch (both bring OpenMP)
+import faiss  # before torch: both bring OpenMP (docs/traps.md#faiss-before-torch)
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from trainables.contract import TEST_MAP_KEY, VAL_MAP_KEY
+from trainables.data.registry import load_dataset
+from trainables.data.tuples import TripletMiner
+from trainables.fileio import atomic_directory
+from trainables.netvlad.backbones import BACKBONES
 from trainables.netvlad.model import NetVLADConfig, NetVLADModel, build_netvlad, fit_whitening, init_clusters
+from trainables.progress import counting_calls
+from trainables.progress import progress as progress_bar
+from trainables.retrieval.baselines import baseline_map
+from trainables.retrieval.evaluate import evaluate_dataset, random_ranking_map
+from trainables.retrieval.extract import extract_descriptors
 from trainables.train import train_triplet
 
 log = logging.getLogger(__name__)
 
 #: Bump when the build procedure changes so cached bases keyed by `BaseConfig.key()` are rebuilt.
-BASE_FORMAT_VERSION = 1
+BASE_FORMAT_VERSION = 2
 MODEL_FILE = "model.safetensors"
 META_FILE = "meta.json"
 
-#: dataset -> (train split, test splits). Real data is cross-dataset (poster: Paris -> Oxford and vice versa).
-PROTOCOLS: dict[str, tuple[str, list[str]]] = {
-    "synthetic": ("synthetic-train", ["synthetic-test"]),
-    "paris6k": ("paris6k", ["oxford5k"]),
-    "oxford5k": ("oxford5k", ["paris6k"]),
-    "rparis6k": ("rparis6k", ["roxford5k"]),
-    "roxford5k": ("roxford5k", ["rparis6k"]),
+#: dataset -> (train split, validation splits, test splits). Selection (the search, the front, release) reads
+#: validation only; test is reported beside it. Real data is cross-dataset as in the poster: fine-tune on Paris,
+#: validate on the Paris benchmark (its own queries), test on Oxford, and the reverse. Synthetic: validation holds
+#: new views of the training places (the bundled photos do not allow a third set of places), test holds other
+#: places.
+PROTOCOLS: dict[str, tuple[str, list[str], list[str]]] = {
+    "synthetic": ("synthetic-train", ["synthetic-val"], ["synthetic-test"]),
+    "paris6k": ("paris6k", ["paris6k"], ["oxford5k"]),
+    "oxford5k": ("oxford5k", ["oxford5k"], ["paris6k"]),
+    "rparis6k": ("rparis6k", ["rparis6k"], ["roxford5k"]),
+    "roxford5k": ("roxford5k", ["roxford5k"], ["rparis6k"]),
 }
 
 
 @dataclass
 class BaseConfig:
-    """Everything that determines a base model. Defaults: the embedded CPU demo (tiny backbone, minutes)."""
+    """Everything that determines a base model. The field defaults are the ``tiny`` preset (synthetic data, the
+    small CNN); the other presets in ``PRESETS`` change some of them."""
 
     dataset: str = "synthetic"
     #: Real datasets: the folder holding <name>/; synthetic: the cache folder (None = default cache).
@@ -100,8 +117,17 @@ class BaseConfig:
         return PROTOCOLS[self.dataset][0]
 
     @property
-    def test_splits(self) -> list[str]:
+    def val_splits(self) -> list[str]:
         return list(PROTOCOLS[self.dataset][1])
+
+    @property
+    def test_splits(self) -> list[str]:
+        return list(PROTOCOLS[self.dataset][2])
+
+    @property
+    def eval_splits(self) -> list[str]:
+        """Every split the base is measured on: validation then test, each once."""
+        return list(dict.fromkeys(self.val_splits + self.test_splits))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -123,52 +149,146 @@ class BaseConfig:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+#: Named base models, hloc style: each preset is the `BaseConfig` fields it sets over the dataclass defaults
+#: (the ``tiny`` model). A command line picks one with ``--preset NAME`` and overrides single fields with their
+#: flags; ``--preset NAME --show`` prints the result. The one table of base-model defaults.
+PRESETS: dict[str, dict[str, Any]] = {
+    # The embedded default of `python sweep/run.py`: synthetic landmarks, ImageNet EfficientNet-Lite0 cut after
+    # blocks[4] (benchmarks/bench_backbones.py), batch norm folded into the convolutions.
+    "embedded": {
+        "backbone": "efficientnet_lite0",
+        "weights": "imagenet",
+        "num_clusters": 32,
+        "whitening_dim": 256,
+        "image_size": 128,
+        "steps": 300,
+    },
+    # The small CNN from random weights: the whole pipeline in seconds, for development and the tests.
+    "tiny": {},
+    # The tests' base: the tiny CNN with a short fine-tune, so a test sweep builds it in seconds.
+    "tiny-test": {"steps": 10},
+    # The poster's models: K=64 clusters over conv5, PCA-4096 whitening, full-size images (GPU jobs).
+    "poster-alexnet": {
+        "dataset": "paris6k",
+        "backbone": "alexnet",
+        "num_clusters": 64,
+        "whitening_dim": 4096,
+        "image_size": 1024,
+    },
+    "poster-vgg16": {
+        "dataset": "paris6k",
+        "backbone": "vgg16",
+        "num_clusters": 64,
+        "whitening_dim": 4096,
+        "image_size": 1024,
+    },
+}
+
+
+def default_preset(dataset: str | None, backbone: str | None) -> str:
+    """The preset a command line uses when it names none: the embedded model for synthetic data, the poster's
+    model of the backbone (AlexNet unless VGG16 is asked for) for real data."""
+    if dataset is None or dataset == "synthetic":
+        return "embedded"
+    return "poster-vgg16" if backbone == "vgg16" else "poster-alexnet"
+
+
+def preset_config(name: str, overrides: Mapping[str, Any] | None = None) -> BaseConfig:
+    """`BaseConfig` of preset ``name`` with the fields in ``overrides`` replaced (None is a value there: e.g.
+    ``whitening_dim=None`` = no whitening); ``ValueError`` names a bad preset, field or value."""
+    if name not in PRESETS:
+        raise ValueError(f"preset {name!r} is not one of {', '.join(PRESETS)}")
+    return BaseConfig.from_dict({**PRESETS[name], **(overrides or {})})
+
+
+def describe_base_config(config: BaseConfig, preset: str | None = None) -> str:
+    """The config as ``field = value`` lines (what ``--show`` prints), with its cache key and protocol."""
+    lines = [f"# base model{f' (preset {preset})' if preset else ''}, key {config.key()}"]
+    lines += [f"{k} = {v!r}" for k, v in config.to_dict().items()]
+    lines.append(
+        f"# trains on {config.train_split}, validates on {', '.join(config.val_splits)}, "
+        f"tests on {', '.join(config.test_splits)}"
+    )
+    return "\n".join(lines)
+
+
+def add_base_arguments(
+    parser: argparse.ArgumentParser, *, steps_flag: str = "--steps", lr_flag: str = "--lr"
+) -> None:
+    """The base-model flags every command line shares (``python -m trainables.base`` and ``sweep/run.py``):
+    ``--preset``/``--show`` and one flag per field a user changes. Choices come from the library's tables;
+    defaults are the preset's (a flag left out keeps the preset's value), so no command line holds its own."""
+    g = parser.add_argument_group("base model (a preset, and flags that override its fields)")
+    g.add_argument(
+        "--preset",
+        default=None,
+        choices=list(PRESETS),
+        help="base preset (default: embedded for "
+        "synthetic data, poster-alexnet / poster-vgg16 for real data)",
+    )
+    g.add_argument("--show", action="store_true", help="print the resolved base config and exit")
+    g.add_argument(
+        "--dataset",
+        default=None,
+        choices=list(PROTOCOLS),
+        help="training set of the base (cross protocol: Paris trains -> Oxford tests, and the reverse)",
+    )
+    g.add_argument("--data-root", default=None, help="folder holding the datasets (not needed for synthetic)")
+    g.add_argument("--backbone", default=None, choices=list(BACKBONES), help="backbone CNN")
+    g.add_argument(
+        "--weights",
+        default=None,
+        help="backbone weights: 'imagenet' (torchvision cache, never downloads) or a state-dict path",
+    )
+    g.add_argument("--num-clusters", type=int, default=None, help="NetVLAD clusters K")
+    g.add_argument("--whitening-dim", type=int, default=None, help="PCA whitening dimension (0 = none)")
+    g.add_argument("--image-size", type=int, default=None, help="longest image side (training: squares)")
+    g.add_argument(
+        steps_flag, dest="steps", type=int, default=None, help="triplet fine-tune steps of the base"
+    )
+    g.add_argument(lr_flag, dest="lr", type=float, default=None, help="learning rate of the base fine-tune")
+    g.add_argument("--seed", type=int, default=0, help="seed for data, training (and a sweep's sampler)")
+
+
+def base_config_from_args(args: argparse.Namespace) -> tuple[BaseConfig, str]:
+    """``(config, preset name)`` from the flags of `add_base_arguments`: the preset, with every flag that was
+    given overriding its field. ``ValueError`` says what is wrong."""
+    preset = args.preset or default_preset(args.dataset, args.backbone)
+    flags = (
+        "dataset",
+        "data_root",
+        "backbone",
+        "weights",
+        "num_clusters",
+        "image_size",
+        "steps",
+        "lr",
+        "seed",
+    )
+    overrides: dict[str, Any] = {f: getattr(args, f) for f in flags if getattr(args, f) is not None}
+    if args.whitening_dim is not None:
+        overrides["whitening_dim"] = args.whitening_dim or None  # 0 = no whitening
+    config = preset_config(preset, overrides)
+    if config.dataset != "synthetic" and not config.data_root:
+        raise ValueError(
+            f"--dataset {config.dataset} needs --data-root (the folder that holds {config.dataset}/)"
+        )
+    return config, preset
+
+
 def _random_ranking_map(dataset: Any, seed: int, repeats: int = 5) -> float:
     """mAP of a random ranking (the floor any model must beat), averaged over ``repeats`` permutations."""
-    from trainables.retrieval.evaluate import random_ranking_map
-
     return float(np.mean([random_ranking_map(dataset, seed=seed + i) for i in range(repeats)]))
 
 
 def _evaluate(
     model: NetVLADModel, datasets: dict[str, Any], image_size: int, device: torch.device, progress: bool
 ) -> dict[str, dict[str, float]]:
-    from trainables.retrieval.evaluate import evaluate_dataset
-
     model.eval()
     return {
         name: {k: float(v) for k, v in evaluate_dataset(model, ds, image_size, device, progress).items()}
         for name, ds in datasets.items()
     }
-
-
-def _write_atomically(out_dir: Path, write: Any, overwrite: bool) -> Path:
-    """Run ``write(tmp_dir)`` then rename tmp_dir to out_dir, so a crash never leaves a half-written base."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{time.time_ns()}"
-    tmp.mkdir()
-    try:
-        write(tmp)
-        old = None
-        if out_dir.exists() and overwrite:
-            old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}-{time.time_ns()}"
-            out_dir.rename(old)
-        try:
-            tmp.rename(out_dir)
-        except OSError:
-            if (out_dir / META_FILE).is_file():
-                # Another process finished the same base first: keep theirs (same config key, same result).
-                log.info("base %s was written concurrently; keeping the existing one", out_dir)
-                shutil.rmtree(tmp, ignore_errors=True)
-                return out_dir
-            raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
 
 
 def build_base(
@@ -183,10 +303,6 @@ def build_base(
     Steps: seed; build model (no whitening yet); k-means-init NetVLAD from train images; evaluate off-the-shelf;
     triplet fine-tune; learn whitening on the train split; evaluate; write model + meta.
     """
-    from trainables.data.registry import load_dataset
-    from trainables.data.tuples import TripletMiner
-    from trainables.retrieval.extract import extract_descriptors
-
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(
@@ -199,21 +315,32 @@ def build_base(
     torch.manual_seed(config.seed)
     np.random.seed(config.seed)
     train = load_dataset(config.train_split, config.data_root)
-    tests = {name: load_dataset(name, config.data_root) for name in config.test_splits}
+    tests = {name: load_dataset(name, config.data_root) for name in config.eval_splits}
     seconds["data"] = time.perf_counter() - t0
-    log.info("train: %s; test: %s", config.train_split, ", ".join(tests))
+    log.info(
+        "train: %s; validation: %s; test: %s",
+        config.train_split,
+        ", ".join(config.val_splits),
+        ", ".join(config.test_splits),
+    )
 
     t = time.perf_counter()
     model = NetVLADModel(NetVLADConfig(config.backbone, config.num_clusters, None, config.weights)).to(device)
-    kmeans = init_clusters(
-        model,
-        train.image_paths(),
-        n_images=config.kmeans_images,
-        per_image=config.kmeans_per_image,
-        seed=config.seed,
-        image_size=config.image_size,
-        progress=progress,
-    )
+    # One tick per image k-means reads (init_clusters calls local_descriptors once per image).
+    n_kmeans = min(config.kmeans_images, len(train.image_paths()))
+    with (
+        progress_bar("base: k-means init", total=n_kmeans, unit="img", enabled=progress) as bar,
+        counting_calls(model, "local_descriptors", bar),
+    ):
+        kmeans = init_clusters(
+            model,
+            train.image_paths(),
+            n_images=config.kmeans_images,
+            per_image=config.kmeans_per_image,
+            seed=config.seed,
+            image_size=config.image_size,
+            progress=False,
+        )
     seconds["kmeans_init"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -233,17 +360,27 @@ def build_base(
         seed=config.seed,
         num_positives=config.num_positives,
     )
-    losses = train_triplet(
-        model,
-        miner,
-        config.steps,
-        config.lr,
-        device=device,
-        progress=progress,
-        refresh_every=config.refresh_every,
-        batch_size=config.batch_size,
-        margin=config.margin,
-    )
+    # One tick per step (train_triplet samples the miner once a step), a line per hard-negative refresh.
+    every = config.refresh_every or max(1, -(-len(miner) // config.batch_size))
+    refreshes = -(-config.steps // every)
+    with (
+        progress_bar("base: fine-tune", total=config.steps, unit="step", enabled=progress) as bar,
+        counting_calls(miner, "sample", bar),
+        counting_calls(
+            miner, "refresh", bar, note=lambda n, s: f"hard-negative refresh {n}/{refreshes} took {s:.1f}s"
+        ),
+    ):
+        losses = train_triplet(
+            model,
+            miner,
+            config.steps,
+            config.lr,
+            device=device,
+            progress=False,
+            refresh_every=config.refresh_every,
+            batch_size=config.batch_size,
+            margin=config.margin,
+        )
     seconds["finetune"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -273,18 +410,36 @@ def build_base(
     else:
         for name in maps:
             maps[name]["finetuned"] = maps[name]["finetuned_no_whitening"]
+
+    t = time.perf_counter()
+    baselines = {
+        name: {
+            "random": maps[name]["random"],
+            "thumbnails": baseline_map(ds, "pixels"),
+            "histogram": baseline_map(ds, "histogram"),
+            "off_the_shelf": maps[name]["off_the_shelf"]["mAP"],
+        }
+        for name, ds in tests.items()
+    }
+    seconds["baselines"] = time.perf_counter() - t
     seconds["total"] = time.perf_counter() - t0
 
-    reference = float(np.mean([m["finetuned"]["mAP"] for m in maps.values()]))
+    def mean_finetuned(splits: list[str]) -> float:
+        return float(np.mean([maps[name]["finetuned"]["mAP"] for name in splits]))
+
     meta = {
         "format_version": BASE_FORMAT_VERSION,
         "config": config.to_dict(),
         "key": config.key(),
         "model": model.config_dict(),
         "train_split": config.train_split,
+        "val_splits": config.val_splits,
         "test_splits": config.test_splits,
-        "mAP": reference,
+        # The dense base's mAP under the trial report's names: every trial's drops are measured against these.
+        VAL_MAP_KEY: mean_finetuned(config.val_splits),
+        TEST_MAP_KEY: mean_finetuned(config.test_splits),
         "maps": maps,
+        "baselines": baselines,
         "seconds": seconds,
         "seed": config.seed,
         "kmeans": kmeans,
@@ -302,7 +457,9 @@ def build_base(
         save_file(state, str(tmp / MODEL_FILE), metadata={"model": json.dumps(model.config_dict())})
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
-    return _write_atomically(out_dir, write, overwrite)
+    return atomic_directory(
+        out_dir, write, is_complete=lambda path: (path / META_FILE).is_file(), replace=overwrite
+    )
 
 
 def load_base(
@@ -324,29 +481,25 @@ def load_base(
 
 
 def map_table(meta: dict[str, Any]) -> str:
-    """The meta's mAP numbers as a markdown table."""
-    cols = ["random", "off_the_shelf", "finetuned_no_whitening", "finetuned"]
-    lines = ["| test set | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    """The meta's mAP numbers (x100) as a markdown table: the zero-byte baselines, then the network before and
+    after fine-tuning, one row per split with its role (validation / test)."""
+    cols = ["random", "thumbnails", "histogram", "off_the_shelf", "finetuned_no_whitening", "finetuned"]
+    lines = ["| split | role | " + " | ".join(cols) + " |", "|---" * (len(cols) + 2) + "|"]
     for name, m in meta["maps"].items():
-        cells = [m[c] if c == "random" else m[c]["mAP"] for c in cols]
-        lines.append(f"| {name} | " + " | ".join(f"{100 * v:.2f}" for v in cells) + " |")
+        role = "/".join(
+            r for r, splits in (("val", meta["val_splits"]), ("test", meta["test_splits"])) if name in splits
+        )
+        b = meta["baselines"][name]
+        cells = [b["random"], b["thumbnails"], b["histogram"]]
+        cells += [m[c]["mAP"] for c in ("off_the_shelf", "finetuned_no_whitening", "finetuned")]
+        lines.append(f"| {name} | {role} | " + " | ".join(f"{100 * v:.2f}" for v in cells) + " |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    defaults = BaseConfig()
     p = argparse.ArgumentParser(prog="python -m trainables.base", description=__doc__.split("\n")[0])
-    p.add_argument("--dataset", default=defaults.dataset, choices=sorted(PROTOCOLS))
-    p.add_argument("--out", required=True, help="output folder (must not exist, or use --overwrite)")
-    p.add_argument("--data-root", default=None)
-    p.add_argument("--backbone", default=defaults.backbone, choices=["tiny", "alexnet", "vgg16"])
-    p.add_argument("--weights", default=None, help="'imagenet' (torchvision cache only) or a state-dict path")
-    p.add_argument("--num-clusters", type=int, default=defaults.num_clusters)
-    p.add_argument("--whitening-dim", type=int, default=defaults.whitening_dim, help="0 = no whitening")
-    p.add_argument("--image-size", type=int, default=defaults.image_size)
-    p.add_argument("--steps", type=int, default=defaults.steps)
-    p.add_argument("--lr", type=float, default=defaults.lr)
-    p.add_argument("--seed", type=int, default=defaults.seed)
+    add_base_arguments(p)
+    p.add_argument("--out", default=None, help="output folder (must not exist, or use --overwrite)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None, help="torch/faiss CPU threads (default: all cores)")
     p.add_argument("--overwrite", action="store_true")
@@ -355,22 +508,24 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
+    try:
+        config, preset = base_config_from_args(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.show:
+        print(describe_base_config(config, preset))
+        return 0
+    if not args.out:
+        print(
+            "error: --out DIR is required to build a base (or pass --show to print its config)",
+            file=sys.stderr,
+        )
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
         faiss.omp_set_num_threads(args.threads)
     try:
-        config = BaseConfig(
-            dataset=args.dataset,
-            data_root=args.data_root,
-            backbone=args.backbone,
-            weights=args.weights,
-            num_clusters=args.num_clusters,
-            whitening_dim=args.whitening_dim or None,
-            image_size=args.image_size,
-            steps=args.steps,
-            lr=args.lr,
-            seed=args.seed,
-        )
         out = build_base(
             config, args.out, device=args.device, progress=not args.quiet, overwrite=args.overwrite
         )

@@ -1,10 +1,19 @@
-"""The Ray Tune function trainable: one trial of a compression sweep (DESIGN §3).
+"""The Ray Tune function trainable: one trial of a compression sweep, as a loop over stage functions.
 
-Stages: load the shared base → ``sparsify`` (L1 fine-tune) → ``prune`` (+ masked retraining) → ``quantize``
-(+ trained-centroid fine-tune, then the real artifact is written) → ``evaluate`` (the artifact is decoded into a
-fresh model and that model is measured). Every stage ends with a ``tune.report`` carrying a checkpoint, so a retried
-trial resumes at the stage it lost. The final report holds finite objectives only; a diverged trial raises, so Tune
-marks it failed (with the reason) and Optuna is told FAIL instead of a point.
+The stages (``trainables.contract.STAGES``, explained in docs/stages.md) are ``sparsify`` (L1 fine-tune) →
+``prune`` (+ masked retraining) → ``quantize`` (+ trained-centroid fine-tune; the real artifact is written) →
+``evaluate`` (the artifact is decoded into a fresh model and that model is measured). Each stage is a function
+``(model, context) -> files to checkpoint``; after it, the trial reports with a checkpoint holding those files and
+``trial_state.json``, so a retried trial resumes at the first stage not done. A non-finite loss or measurement
+raises `DivergedError`, so Tune marks the trial failed (with the reason) and Optuna is told FAIL, not a point.
+
+Checkpoint format (one folder per report):
+- ``trial_state.json``: ``{"stage": <number of stages done>, "seconds": {stage: wall seconds}}`` and, once
+  ``evaluate`` is done, ``"final"``: the final report (re-reported as is when a finished trial is restored).
+- after ``sparsify`` / ``prune``: ``weights.safetensors``, the dense weights under their plain names and each
+  pruned layer's mask as ``__mask__.<param name>`` (uint8).
+- after ``quantize`` / ``evaluate``: ``model.vlad.safetensors`` (the file that ships), ``layers.json`` and
+  ``layers.md`` (its per-layer size report).
 
 This is the one module under ``trainables/`` that may import Ray.
 """
@@ -18,20 +27,23 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import faiss  # noqa: F401  (DESIGN §9: faiss before torch)
+import faiss  # noqa: F401  (before torch: both bring OpenMP; docs/traps.md#faiss-before-torch)
 import pyarrow.fs as pafs
 import ray
 import torch
 from ray import tune
+from safetensors.torch import load_file, save_file
 
-from search_spaces.params import resolve_trial_config
 from trainables.base import load_base
 from trainables.compression.codec import load_compressed, save_compressed
 from trainables.compression.plan import CompressionPlan
 from trainables.compression.schedule import (
+    TrainFn,
     apply_masks,
     dense_state_dict,
     export_masks,
@@ -39,26 +51,215 @@ from trainables.compression.schedule import (
     quantize_and_finetune,
     sparsify,
 )
+from trainables.contract import (
+    ARTIFACT_FILE,
+    DROP_KEY,
+    LAYERS_JSON,
+    LAYERS_MD,
+    MEMORY_KEY,
+    OBJECTIVES,
+    POSTER_MIB_KEY,
+    RATIO_KEY,
+    SPARSITY_KEY,
+    STAGE_KEY,
+    STAGES,
+    STATE_FILE,
+    TEST_DROP_KEY,
+    TEST_MAP_KEY,
+    VAL_MAP_KEY,
+    WEIGHTS_FILE,
+    map_key,
+    resolve_trial_config,
+    seconds_key,
+)
 from trainables.data.registry import load_dataset
 from trainables.data.tuples import TripletMiner
+from trainables.devices import select_device
+from trainables.netvlad.model import NetVLADModel
 from trainables.retrieval.evaluate import evaluate_dataset
-from trainables.train import DivergedError, train_triplet
+from trainables.train import DivergedError, make_train_fn
 
 logger = logging.getLogger("vladsweep.trial")
 
-STAGES = ("sparsify", "prune", "quantize", "evaluate")
-ARTIFACT = "model.vlad.safetensors"
-STATE = "trial_state.json"
+_MASK_PREFIX = "__mask__."
 
 
-class TrialDiverged(RuntimeError):
-    """Training produced a non-finite loss: the trial is a failure, not a point on the front."""
+# ------------------------------------------------------------------------------------------------ the context
+
+
+@dataclass
+class TrialContext:
+    """What every stage of one trial reads: the plan, the base's record, where to write, how to train."""
+
+    plan: CompressionPlan
+    groups: dict[str, list[str]]
+    base_meta: dict[str, Any]
+    data_root: str | None
+    device: torch.device
+    work: Path
+    train_fn: TrainFn
+    #: Set by the ``evaluate`` stage: the final report.
+    final: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def image_size(self) -> int:
+        return int(self.base_meta["config"]["image_size"])
+
+    @property
+    def artifact(self) -> Path:
+        return self.work / ARTIFACT_FILE
+
+    @property
+    def weights(self) -> Path:
+        return self.work / WEIGHTS_FILE
+
+    def result_files(self) -> list[Path]:
+        return [self.artifact, self.work / LAYERS_JSON, self.work / LAYERS_MD]
+
+
+# ------------------------------------------------------------------------------------------------- the stages
+
+
+def save_weights(model: torch.nn.Module, path: Path, masks: dict[str, torch.Tensor] | None = None) -> Path:
+    """The model's weights under their plain names, so a fresh model loads them (a pruned layer's state_dict holds
+    ``weight_orig``/``weight_mask`` instead), and its prune masks beside them for ``apply_masks``."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in dense_state_dict(model).items()}
+    if masks:
+        tensors.update({_MASK_PREFIX + k: m.to(torch.uint8).cpu().contiguous() for k, m in masks.items()})
+    save_file(tensors, str(path))
+    return path
+
+
+def load_weights(model: torch.nn.Module, path: Path) -> dict[str, torch.Tensor]:
+    """Load weights written by `save_weights` into a fresh model; returns the prune masks stored beside them."""
+    tensors = load_file(str(path))
+    masks = {k[len(_MASK_PREFIX) :]: v.bool() for k, v in tensors.items() if k.startswith(_MASK_PREFIX)}
+    model.load_state_dict({k: v for k, v in tensors.items() if not k.startswith(_MASK_PREFIX)})
+    return masks
+
+
+def _restore_weights(model: torch.nn.Module, ctx: TrialContext) -> None:
+    """Resume after ``sparsify`` or ``prune``: the stage's weights, with its prune masks re-applied."""
+    masks = load_weights(model, ctx.weights)
+    if masks:
+        apply_masks(model, masks, ctx.groups)
+
+
+def sparsify_stage(model: NetVLADModel, ctx: TrialContext) -> list[Path]:
+    """L1-penalized fine-tune: pushes weights towards zero before the thresholds are applied."""
+    sparsify(model, ctx.plan, ctx.groups, ctx.train_fn)
+    return [save_weights(model, ctx.weights)]
+
+
+def prune_stage(model: NetVLADModel, ctx: TrialContext) -> list[Path]:
+    """Prune below each group's threshold and retrain with the masks held."""
+    prune_and_retrain(model, ctx.plan, ctx.groups, ctx.train_fn)
+    return [save_weights(model, ctx.weights, export_masks(model))]
+
+
+def quantize_stage(model: NetVLADModel, ctx: TrialContext) -> list[Path]:
+    """Quantize (uniform or trained k-means), fine-tune the centroids, and write the file that ships."""
+    quantize_and_finetune(model, ctx.plan, ctx.groups, ctx.train_fn)
+    report = save_compressed(
+        model,
+        ctx.plan,
+        ctx.artifact,
+        meta={
+            "architecture": {"name": "netvlad", "config": model.config_dict()},
+            "base": ctx.base_meta["config"],
+        },
+    )
+    (ctx.work / LAYERS_JSON).write_text(json.dumps(report.to_dict(), indent=2))
+    (ctx.work / LAYERS_MD).write_text(report.to_markdown())
+    return ctx.result_files()
+
+
+def _finite(name: str, value: float) -> float:
+    if not math.isfinite(value):
+        raise DivergedError(f"{name} is {value}: the trial diverged")
+    return float(value)
+
+
+def evaluate_stage(model: NetVLADModel, ctx: TrialContext) -> list[Path]:
+    """Decode the file that ships into a fresh model and measure exactly that model on the validation splits
+    (what the search sees) and the test splits (reported beside, never optimized); sets ``ctx.final``."""
+    decoded = load_compressed(ctx.artifact).to(ctx.device)
+    meta = ctx.base_meta
+    splits = list(dict.fromkeys(meta["val_splits"] + meta["test_splits"]))
+    maps = {
+        split: _finite(
+            f"mAP on {split}",
+            evaluate_dataset(decoded, load_dataset(split, ctx.data_root), ctx.image_size, device=ctx.device)[
+                "mAP"
+            ],
+        )
+        for split in splits
+    }
+    totals = json.loads((ctx.work / LAYERS_JSON).read_text())["totals"]
+    file_bytes = os.path.getsize(ctx.artifact)  # memory_mib is the file that ships, measured, never estimated
+
+    def mean(names: list[str]) -> float:
+        return sum(maps[n] for n in names) / len(names)
+
+    def drop(value: float, base: float) -> float:
+        return (base - value) / base if base > 0 else 0.0
+
+    val_map, test_map = mean(meta["val_splits"]), mean(meta["test_splits"])
+    ctx.final = {
+        VAL_MAP_KEY: val_map,
+        TEST_MAP_KEY: test_map,
+        **{map_key(split): value for split, value in maps.items()},
+        DROP_KEY: drop(val_map, float(meta[VAL_MAP_KEY])),
+        TEST_DROP_KEY: drop(test_map, float(meta[TEST_MAP_KEY])),
+        MEMORY_KEY: file_bytes / 2**20,
+        RATIO_KEY: totals["dense_fp32_bytes"] / file_bytes,
+        SPARSITY_KEY: totals["sparsity"],
+        POSTER_MIB_KEY: totals["poster_mib"],
+    }
+    for key in (*OBJECTIVES, TEST_MAP_KEY, RATIO_KEY):
+        _finite(key, ctx.final[key])
+    return ctx.result_files()
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage: ``run`` does the work and names the files to checkpoint; ``restore`` puts what the *next*
+    stage needs from those files back into the model when a trial resumes after this stage."""
+
+    name: str
+    run: Callable[[NetVLADModel, TrialContext], list[Path]]
+    restore: Callable[[NetVLADModel, TrialContext], None] | None
+
+
+#: The stage functions, in the order of ``trainables.contract.STAGES``. After ``quantize`` the next stage reads
+#: the artifact, not the model, so nothing is restored into the model.
+STAGE_FUNCTIONS: tuple[Stage, ...] = (
+    Stage("sparsify", sparsify_stage, _restore_weights),
+    Stage("prune", prune_stage, _restore_weights),
+    Stage("quantize", quantize_stage, None),
+    Stage("evaluate", evaluate_stage, None),
+)
+assert tuple(s.name for s in STAGE_FUNCTIONS) == STAGES, "pipeline stages out of line with the contract"
+
+
+# ------------------------------------------------------------------------------------ Ray: placement, checkpoints
 
 
 def _trial_resources() -> tuple[float, float]:
     resources = tune.get_context().get_trial_resources()
     bundle = resources.required_resources if resources is not None else {}
     return float(bundle.get("CPU", 1)), float(bundle.get("GPU", 0))
+
+
+def _placement(device: torch.device) -> dict[str, str]:
+    """Where this trial runs: the node (IPs repeat when several nodes share a machine), the GPUs Ray gave it and
+    the device torch used (``cpu`` despite GPUs means this worker's torch cannot see CUDA)."""
+    context = ray.get_runtime_context()
+    return {
+        "node_id": context.get_node_id(),
+        "gpu_ids": ",".join(str(g) for g in ray.get_gpu_ids()),
+        "device": device.type,
+    }
 
 
 def fetch_base(location: str) -> Path:
@@ -81,218 +282,94 @@ def fetch_base(location: str) -> Path:
     return cache
 
 
-def _load_state(checkpoint: tune.Checkpoint | None, work: Path) -> dict[str, Any]:
+def _restore_checkpoint(work: Path) -> dict[str, Any]:
+    """The trial's state, with the files of its last checkpoint copied into ``work`` (a fresh state if none)."""
+    checkpoint = tune.get_checkpoint()
     if checkpoint is None:
         return {"stage": 0, "seconds": {}}
     with checkpoint.as_directory() as ckpt_dir:
         for item in Path(ckpt_dir).iterdir():
             shutil.copy2(item, work / item.name)
-    return json.loads((work / STATE).read_text())
+    return json.loads((work / STATE_FILE).read_text())
 
 
-def _save_stage(
-    work: Path, state: dict[str, Any], files: list[Path], metrics: dict[str, Any], device: torch.device
-) -> None:
+def _report(state: dict[str, Any], files: list[Path], metrics: dict[str, Any], device: torch.device) -> None:
     """Report the end of a stage with a checkpoint holding exactly what the next stage needs."""
     with tempfile.TemporaryDirectory(prefix="vladsweep-ckpt-") as tmp:
-        tmp_path = Path(tmp)
-        (tmp_path / STATE).write_text(json.dumps(state, indent=2))
-        metrics = {**metrics, **_placement(device)}
+        (Path(tmp) / STATE_FILE).write_text(json.dumps(state, indent=2))
         for file in files:
-            shutil.copy2(file, tmp_path / file.name)
-        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
+            shutil.copy2(file, Path(tmp) / file.name)
+        tune.report({**metrics, **_placement(device)}, checkpoint=tune.Checkpoint.from_directory(tmp))
 
 
-def _placement(device: torch.device) -> dict[str, str]:
-    """Where this trial runs: the node (IPs repeat when several nodes share a machine), the GPUs Ray gave it and
-    the device torch used (``cpu`` despite GPUs means this worker's torch cannot see CUDA)."""
-    context = ray.get_runtime_context()
-    return {
-        "node_id": context.get_node_id(),
-        "gpu_ids": ",".join(str(g) for g in ray.get_gpu_ids()),
-        "device": device.type,
-    }
+# ----------------------------------------------------------------------------------------------- the trial
 
 
-def select_device(gpus: float) -> torch.device:
-    """CUDA when the trial holds a GPU share and this worker's torch sees CUDA, else the CPU.
-
-    Ray gives a trial with ``gpus < 1`` a share of one card that other trials use too (``--gpus-per-trial 0.5``
-    puts two on it); Ray only counts shares, so cap this process's CUDA memory to its share, or one trial can take
-    the memory the other needs.
-    """
-    device = torch.device("cuda" if gpus > 0 and torch.cuda.is_available() else "cpu")
-    if device.type == "cuda" and gpus < 1:
-        torch.cuda.set_per_process_memory_fraction(gpus)
-    return device
-
-
-def _save_weights(model: torch.nn.Module, path: Path, masks: dict[str, torch.Tensor] | None = None) -> None:
-    """The model's weights under their plain names, so a fresh model loads them (a pruned layer's state_dict holds
-    ``weight_orig``/``weight_mask`` instead), and its prune masks beside them for ``apply_masks``."""
-    from safetensors.torch import save_file
-
-    tensors = {k: v.detach().cpu().contiguous() for k, v in dense_state_dict(model).items()}
-    if masks:
-        tensors.update({f"__mask__.{k}": m.to(torch.uint8).cpu().contiguous() for k, m in masks.items()})
-    save_file(tensors, str(path))
-
-
-def _load_weights(model: torch.nn.Module, path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(path))
-    masks = {k[len("__mask__.") :]: v.bool() for k, v in tensors.items() if k.startswith("__mask__.")}
-    model.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("__mask__.")})
-    return masks
-
-
-def _finite(name: str, value: float) -> float:
-    if not math.isfinite(value):
-        raise TrialDiverged(f"{name} is {value}: the trial diverged")
-    return float(value)
-
-
-def run_trial(config: dict[str, Any], context: dict[str, Any]) -> None:
-    """Ray Tune entry point. ``config`` is the sampled trial config; ``context`` holds the sweep's constants
-    (``base_location``, ``data_root``, ``seed``) and comes through ``tune.with_parameters``."""
+def _open_trial(
+    config: dict[str, Any], context: dict[str, Any], work: Path
+) -> tuple[NetVLADModel, TrialContext]:
+    """The base model on the trial's device, and the context its stages share."""
     cpus, gpus = _trial_resources()
     torch.set_num_threads(max(1, int(cpus)))
     device = select_device(gpus)
     settings = resolve_trial_config(config)
     plan = CompressionPlan.from_dict(settings["plan"], source="trial config")
-    lr = settings["lr"]
-    seed = int(context.get("seed", 0))
-
-    base_dir = fetch_base(context["base_location"])
-    model, meta = load_base(base_dir)
-    base_cfg = meta["config"]
+    model, meta = load_base(fetch_base(context["base_location"]))
     model.to(device)
-    groups = model.compression_groups()
-    groups = {g: names for g, names in groups.items() if g in plan.groups}
-    data_root = context.get("data_root")
-    image_size = int(base_cfg["image_size"])
+    base_cfg = meta["config"]
+    miner = TripletMiner(
+        load_dataset(meta["train_split"], context.get("data_root")),
+        int(base_cfg["image_size"]),
+        num_negatives=base_cfg["num_negatives"],
+        neg_pool_size=base_cfg["neg_pool_size"],
+        num_positives=base_cfg["num_positives"],
+        seed=int(context.get("seed", 0)),
+    )
+    train_fn = make_train_fn(
+        miner,
+        settings["lr"],
+        device=device,
+        progress=False,
+        batch_size=base_cfg["batch_size"],
+        margin=base_cfg["margin"],
+    )
+    groups = {g: names for g, names in model.compression_groups().items() if g in plan.groups}
+    return model, TrialContext(plan, groups, meta, context.get("data_root"), device, work, train_fn)
 
+
+def run_trial(config: dict[str, Any], context: dict[str, Any]) -> None:
+    """Ray Tune entry point. ``config`` is the sampled trial config; ``context`` holds the sweep's constants
+    (``base_location``, ``data_root``, ``seed``) and comes through ``tune.with_parameters``."""
     work = Path(tempfile.mkdtemp(prefix="vladsweep-trial-"))
     try:
-        state = _load_state(tune.get_checkpoint(), work)
-        if state["stage"] >= len(STAGES) and "final" in state:
+        model, ctx = _open_trial(config, context, work)
+        state = _restore_checkpoint(work)
+        done = int(state["stage"])
+        if done >= len(STAGES) and "final" in state:
             # Restored from its last checkpoint: the trial had ended but the driver died before recording it.
             # Report the measured result again; measuring again would rewrite the checkpoint of a finished trial.
-            tune.report({**state["final"], **_placement(device)})
+            tune.report({**state["final"], **_placement(ctx.device)})
             return
-        torch.manual_seed(seed + state["stage"])
-        miner = TripletMiner(
-            load_dataset(meta["train_split"], data_root),
-            image_size,
-            num_negatives=base_cfg["num_negatives"],
-            neg_pool_size=base_cfg["neg_pool_size"],
-            num_positives=base_cfg["num_positives"],
-            seed=seed,
-        )
-
-        def train_fn(m: torch.nn.Module, steps: int, extra_loss=None) -> list[float]:
+        if done > 0 and STAGE_FUNCTIONS[done - 1].restore is not None:
+            STAGE_FUNCTIONS[done - 1].restore(model, ctx)
+        torch.manual_seed(int(context.get("seed", 0)) + done)
+        for index in range(done, len(STAGES)):
+            stage = STAGE_FUNCTIONS[index]
+            started = time.monotonic()
             try:
-                return train_triplet(
-                    m,
-                    miner,
-                    steps,
-                    lr,
-                    extra_loss=extra_loss,
-                    device=device,
-                    progress=False,
-                    batch_size=base_cfg["batch_size"],
-                    margin=base_cfg["margin"],
-                )
+                files = stage.run(model, ctx)
             except DivergedError as exc:
-                raise TrialDiverged(
-                    f"stage {STAGES[state['stage']]}: {exc} (lr={lr}, config={config})"
-                ) from exc
-
-        weights = work / "weights.safetensors"
-        artifact = work / ARTIFACT
-        if state["stage"] >= 1 and state["stage"] < 3:
-            masks = _load_weights(model, weights)
-            if masks:
-                apply_masks(model, masks, groups)
-
-        if state["stage"] == 0:
-            t = time.monotonic()
-            sparsify(model, plan, groups, train_fn)
-            _save_weights(model, weights)
-            state["stage"], state["seconds"]["sparsify"] = 1, time.monotonic() - t
-            _save_stage(
-                work,
-                state,
-                [weights],
-                {"stage": "sparsify", "seconds_sparsify": state["seconds"]["sparsify"]},
-                device,
-            )
-
-        if state["stage"] == 1:
-            t = time.monotonic()
-            prune_and_retrain(model, plan, groups, train_fn)
-            _save_weights(model, weights, export_masks(model))
-            state["stage"], state["seconds"]["prune"] = 2, time.monotonic() - t
-            _save_stage(
-                work,
-                state,
-                [weights],
-                {"stage": "prune", "seconds_prune": state["seconds"]["prune"]},
-                device,
-            )
-
-        if state["stage"] == 2:
-            t = time.monotonic()
-            quantize_and_finetune(model, plan, groups, train_fn)
-            report = save_compressed(
-                model,
-                plan,
-                artifact,
-                meta={"architecture": {"name": "netvlad", "config": model.config_dict()}, "base": base_cfg},
-            )
-            (work / "layers.json").write_text(json.dumps(report.to_dict(), indent=2))
-            (work / "layers.md").write_text(report.to_markdown())
-            state["stage"], state["seconds"]["quantize"] = 3, time.monotonic() - t
-            files = [artifact, work / "layers.json", work / "layers.md"]
-            _save_stage(
-                work,
-                state,
-                files,
-                {"stage": "quantize", "seconds_quantize": state["seconds"]["quantize"]},
-                device,
-            )
-
-        # Stage 3: decode the file that ships and measure exactly that model.
-        t = time.monotonic()
-        decoded = load_compressed(artifact).to(device)
-        maps = {}
-        for name in meta["test_splits"]:
-            maps[name] = _finite(
-                f"mAP on {name}",
-                evaluate_dataset(decoded, load_dataset(name, data_root), image_size, device=device)["mAP"],
-            )
-        state["seconds"]["evaluate"] = time.monotonic() - t
-        layers = json.loads((work / "layers.json").read_text())
-        totals = layers["totals"]
-        file_bytes = os.path.getsize(artifact)  # memory_mib is the file that ships, measured, never estimated
-        mean_map = sum(maps.values()) / len(maps)
-        base_map = float(meta["mAP"])
-        metrics: dict[str, Any] = {
-            "stage": "done",
-            "mAP": mean_map,
-            **{f"mAP_{name}": value for name, value in maps.items()},
-            "mAP_drop": (base_map - mean_map) / base_map if base_map > 0 else 0.0,
-            "memory_mib": file_bytes / 2**20,
-            "compression_ratio": totals["dense_fp32_bytes"] / file_bytes,
-            "sparsity": totals["sparsity"],
-            "poster_style_mib": totals["poster_mib"],
-            **{f"seconds_{k}": v for k, v in state["seconds"].items()},
-            "seconds_trial": sum(state["seconds"].values()),
-        }
-        for key in ("mAP", "memory_mib", "compression_ratio"):
-            _finite(key, metrics[key])
-        state["stage"], state["final"] = len(STAGES), metrics
-        _save_stage(work, state, [artifact, work / "layers.json", work / "layers.md"], metrics, device)
+                raise DivergedError(f"stage {stage.name}: {exc} (config={config})", exc.step) from exc
+            state["stage"], state["seconds"][stage.name] = index + 1, time.monotonic() - started
+            metrics = {STAGE_KEY: stage.name, seconds_key(stage.name): state["seconds"][stage.name]}
+            if stage.name == STAGES[-1]:
+                metrics = {
+                    STAGE_KEY: stage.name,
+                    **ctx.final,
+                    **{seconds_key(k): v for k, v in state["seconds"].items()},
+                    seconds_key("trial"): sum(state["seconds"].values()),
+                }
+                state["final"] = metrics
+            _report(state, files, metrics, ctx.device)
     finally:
         shutil.rmtree(work, ignore_errors=True)

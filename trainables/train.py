@@ -4,12 +4,18 @@
 (anchor, positives, hard negatives) tuples from a `trainables.data.tuples.TripletMiner`, re-mining the hard
 negatives with the current model every ``refresh_every`` steps. ``extra_loss()`` is added to every step's loss:
 the compression stages pass the L1 penalty (or nothing) through it, and call the loop through
-`make_train_fn` / ``functools.partial`` as ``train_fn(model, steps, extra_loss)``.
+`make_train_fn` as ``train_fn(model, steps, extra_loss)``. A penalty with a ``proximal(step_size)`` method
+(`trainables.compression.l1.L1Penalty`) is not differentiated: its proximal step runs after each optimizer step.
 
-Optimizer: Adam. The loop serves very different situations (a randomly initialized tiny CNN trained from scratch
-in a few hundred CPU steps; ImageNet conv5 layers; a 67M-weight whitening layer whose weights are ~100x larger
-than the conv weights; retraining a pruned or quantized model), and Adam's per-parameter step scaling lets one
-learning rate work across all of them, where SGD would need a learning rate per layer group and per stage.
+Optimizer: Adam (``optimizer="sgd"`` gives SGD with momentum). The loop serves very different tensors (a randomly
+initialized tiny CNN; ImageNet convolutions with folded batch norm; a whitening layer whose weights are ~100x
+larger than the conv weights; k-means codebooks of 4 to 256 shared values spanning 0.04 to 13), so:
+
+- the base fine-tune uses one absolute learning rate (Adam moves each weight by about ``lr`` per step);
+- the compression stages (`make_train_fn`, `RETRAIN_RECIPE`) use *relative* steps: each tensor's learning rate is
+  ``lr`` times its own RMS when the stage starts, so one ``lr`` moves every layer, codebook or not, by the same
+  fraction of its scale (as Adafactor scales its steps). With an absolute 1e-5, six steps moved a centroid by at
+  most 6e-5; relative steps move a 4-bit codebook of any layer by a visible fraction of its spacing.
 """
 
 from __future__ import annotations
@@ -21,25 +27,35 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
+
+from trainables.data.tuples import describe_paths_with
+from trainables.devices import model_device
 
 log = logging.getLogger(__name__)
 
 
 class DivergedError(RuntimeError):
-    """The training loss became NaN or infinite; ``step`` says at which step (0-based)."""
+    """Training or evaluation produced a non-finite number: the trial is a failure, not a point on the front.
 
-    def __init__(self, step: int, loss: float, lr: float):
+    ``step`` is the 0-based training step (None when a measurement, not a step, was non-finite); the message
+    says what was non-finite and what to change. The one exception type for a diverged trial."""
+
+    def __init__(self, message: str, step: int | None = None):
         self.step = step
-        self.loss = loss
-        self.lr = lr
-        super().__init__(
+        super().__init__(message)
+
+    @classmethod
+    def at_step(cls, step: int, loss: float, lr: float) -> DivergedError:
+        return cls(
             f"training diverged at step {step}: loss is {loss} (lr={lr}); lower the learning rate or the "
-            f"penalty weight"
+            f"penalty weight",
+            step,
         )
 
     def __reduce__(self) -> tuple[Any, ...]:
-        # Exceptions pickle as cls(*args); ours takes (step, loss, lr), so say so (Ray ships errors by pickle).
-        return (DivergedError, (self.step, self.loss, self.lr))
+        # Ray ships errors by pickle, which rebuilds an exception as cls(*args): give both arguments.
+        return (DivergedError, (str(self), self.step))
 
 
 def triplet_loss(q: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, margin: float = 0.1) -> torch.Tensor:
@@ -58,10 +74,25 @@ def triplet_loss(q: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, margin: 
     return torch.clamp(d_pos + margin - d_neg, min=0).sum()
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
+#: Optimizers `train_triplet` builds.
+OPTIMIZERS: tuple[str, ...] = ("adam", "sgd")
+#: A tensor's RMS below this counts as this much when its relative learning rate is set (zero-initialized biases).
+RMS_FLOOR = 1e-3
+#: How the compression stages retrain (`make_train_fn`): Adam with per-tensor relative steps; the trial's ``lr``
+#: is the step as a fraction of each tensor's RMS. Chosen on the embedded base's validation split
+#: (benchmarks/bench_recipe.py, benchmarks/RESULTS.md).
+RETRAIN_RECIPE: dict[str, Any] = {"optimizer": "adam", "relative_lr": True}
+
+
+def _param_groups(params: list[torch.Tensor], lr: float, relative: bool) -> list[dict[str, Any]]:
+    """One optimizer group per tensor at ``lr · max(RMS, RMS_FLOOR)`` when ``relative``, else one group at ``lr``."""
+    if not relative:
+        return [{"params": params, "lr": lr}]
+    with torch.no_grad():
+        return [
+            {"params": [p], "lr": lr * max(float(p.detach().double().pow(2).mean().sqrt()), RMS_FLOOR)}
+            for p in params
+        ]
 
 
 def train_triplet(
@@ -76,24 +107,34 @@ def train_triplet(
     batch_size: int = 4,
     margin: float = 0.1,
     describe_batch_size: int = 16,
+    optimizer: str = "adam",
+    momentum: float = 0.9,
+    relative_lr: bool = False,
+    step_offset: int = 0,
 ) -> list[float]:
     """Train ``model``'s trainable parameters for ``steps`` steps; returns the total loss of every step.
 
     ``miner``: a `TripletMiner` (``refresh(describe)``, ``sample(batch_size)``, ``num_positives``,
     ``image_size``). Each step takes ``batch_size`` tuples, embeds all their images in one forward pass, and
     minimizes the mean triplet loss (+ ``extra_loss()``). Hard negatives are re-mined with the current model at
-    step 0 and then every ``refresh_every`` steps (None: once per pass over the miner's anchors).
+    step 0 and then every ``refresh_every`` steps (None: once per pass over the miner's anchors); ``step_offset``
+    continues a count of earlier calls (re-mine when ``step_offset + step`` is a multiple of ``refresh_every``,
+    and at step 0 if the miner was never refreshed).
+    ``optimizer``: ``"adam"`` or ``"sgd"`` (with ``momentum``); ``relative_lr``: each tensor's learning rate is
+    ``lr`` times its RMS at the start (see the module docstring). A penalty with a ``proximal`` method is applied
+    by its proximal step after each optimizer step, with each tensor's learning rate as the step size; its value
+    is still part of the returned losses.
     Raises `DivergedError` naming the step when the loss is not finite.
     """
-    from trainables.data.tuples import describe_paths_with
-
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
     if not lr > 0:
         raise ValueError(f"lr must be > 0, got {lr}")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer {optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
     if steps == 0:
         return []
-    device = torch.device(device) if device is not None else _model_device(model)
+    device = torch.device(device) if device is not None else model_device(model)
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -102,7 +143,13 @@ def train_triplet(
         refresh_every = max(1, math.ceil(len(miner) / batch_size))
     if refresh_every < 1:
         raise ValueError(f"refresh_every must be >= 1 (or None), got {refresh_every}")
-    opt = torch.optim.Adam(params, lr=lr)
+    param_groups = _param_groups(params, lr, relative_lr)
+    if optimizer == "adam":
+        opt: torch.optim.Optimizer = torch.optim.Adam(param_groups, lr=lr)
+    else:
+        opt = torch.optim.SGD(param_groups, lr=lr, momentum=momentum)
+    step_size = {id(p): g["lr"] for g in param_groups for p in g["params"]}
+    proximal = getattr(extra_loss, "proximal", None)
     n_pos = miner.num_positives
 
     def embed(images: torch.Tensor) -> torch.Tensor:
@@ -113,12 +160,12 @@ def train_triplet(
     losses: list[float] = []
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=steps, desc="triplet fine-tune", unit="step", leave=False)
     try:
         for step in range(steps):
-            if step % refresh_every == 0:
+            if (step_offset + step) % refresh_every == 0 or (
+                step == 0 and not getattr(miner, "refreshes", 0)
+            ):
                 model.eval()
                 with torch.no_grad():
                     miner.refresh(describe)
@@ -132,14 +179,21 @@ def train_triplet(
                 loss_t = loss_t + triplet_loss(chunk[0], chunk[1 : 1 + n_pos], chunk[1 + n_pos :], margin)
             loss_t = loss_t / len(tuples)
             loss = loss_t
-            if extra_loss is not None:
+            if proximal is not None:
+                with torch.no_grad():
+                    value = float(loss.detach()) + float(extra_loss())
+            elif extra_loss is not None:
                 loss = loss + extra_loss()
-            value = float(loss.detach())
+                value = float(loss.detach())
+            else:
+                value = float(loss.detach())
             if not math.isfinite(value):
-                raise DivergedError(step, value, lr)
+                raise DivergedError.at_step(step, value, lr)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if proximal is not None:
+                proximal(lambda p: step_size.get(id(p), 0.0))
             losses.append(value)
             if bar is not None:
                 bar.update(1)
@@ -152,15 +206,29 @@ def train_triplet(
 
 
 def make_train_fn(miner: Any, lr: float, **kwargs: Any) -> Callable[..., list[float]]:
-    """``train_fn(model, steps, extra_loss=None)`` bound to a miner and learning rate (the compression stages' hook).
+    """``train_fn(model, steps, extra_loss=None)`` bound to a miner and learning rate (the compression stages' hook):
+    `train_triplet` with `RETRAIN_RECIPE` (relative steps: ``lr`` is a fraction of each tensor's RMS); ``kwargs``
+    override it and pass the rest (device, batch size, margin, ...).
+
+    The steps of successive calls are counted together for re-mining: the stages of one trial re-mine hard
+    negatives every ``refresh_every`` steps of the trial, not at the start of every stage (a re-mining describes
+    some 400 images, several times the cost of a stage's training steps on the embedded model; negatives mined
+    with the base stay hard for its compressed copies).
 
     Safer than ``functools.partial(train_triplet, miner=..., lr=...)``, which cannot be called positionally as
     ``train_fn(model, steps, extra_loss)`` because ``miner`` comes second in `train_triplet`.
     """
 
+    done = 0
+
     def train_fn(
         model: nn.Module, steps: int, extra_loss: Callable[[], torch.Tensor] | None = None
     ) -> list[float]:
-        return train_triplet(model, miner, steps, lr, extra_loss=extra_loss, **kwargs)
+        nonlocal done
+        losses = train_triplet(
+            model, miner, steps, lr, extra_loss=extra_loss, step_offset=done, **{**RETRAIN_RECIPE, **kwargs}
+        )
+        done += steps
+        return losses
 
     return train_fn

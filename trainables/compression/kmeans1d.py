@@ -4,7 +4,7 @@ In one dimension every Lloyd cluster is an interval between the midpoints of nei
 an iteration needs only ``k`` binary searches on the sorted array (cluster sizes) and ``k`` prefix-sum lookups
 (cluster sums): O(k log n) instead of O(n k). The result is the same Lloyd iteration as argmin-over-all-points (same
 init, same ties: a point on a midpoint goes to the lower centroid, like ``argmin``) -- no subsampling, unlike faiss
-(DESIGN §9). The 134M-weight VGG16 whitening at 8 bits takes seconds; see ``benchmarks/bench_kmeans.py``.
+(docs/traps.md#faiss-kmeans-subsampling). The 134M-weight VGG16 whitening at 8 bits takes seconds; see ``benchmarks/bench_kmeans.py``.
 """
 
 from __future__ import annotations

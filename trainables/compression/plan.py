@@ -14,9 +14,7 @@ from typing import Any
 
 from torch import nn
 
-PRUNE_MODES = ("abs", "sigma", "none")
-QUANT_MODES = ("uniform", "kmeans", "none")
-MAX_BITS = 16
+from trainables.contract import MAX_BITS, PRUNE_MODES, QUANT_MODES
 
 
 class PlanError(ValueError):
@@ -118,7 +116,9 @@ class CompressionPlan:
     Stage steps (``l1_steps``, ``retrain_steps`` per prune round, ``quant_steps``) are passed to the user's train
     function; 0 skips the training. ``l1_lambda`` weighs λ·Σ|w| during the ``l1_steps``. ``prune_rounds`` prune →
     retrain rounds. ``kmeans_iters``: Lloyd iterations before the centroids are trained. ``allow_empty_layer``:
-    accept a threshold that prunes a whole layer.
+    accept a threshold that prunes a whole layer. ``keep_frozen``: leave layers that arrive frozen frozen (their
+    weights, masks and codebooks are then compressed but never retrained); by default every compressed layer is
+    retrained, as in Deep Compression.
     """
 
     groups: dict[str, GroupPlan] = field(default_factory=dict)
@@ -129,6 +129,7 @@ class CompressionPlan:
     quant_steps: int = 0
     kmeans_iters: int = 30
     allow_empty_layer: bool = False
+    keep_frozen: bool = False
 
     def __post_init__(self) -> None:
         self.check("CompressionPlan")
@@ -149,8 +150,9 @@ class CompressionPlan:
         _check_int(source, "retrain_steps", self.retrain_steps)
         _check_int(source, "quant_steps", self.quant_steps)
         _check_int(source, "kmeans_iters", self.kmeans_iters)
-        if not isinstance(self.allow_empty_layer, bool):
-            raise _fail(source, "allow_empty_layer", self.allow_empty_layer, "expected true or false")
+        for flag in ("allow_empty_layer", "keep_frozen"):
+            if not isinstance(getattr(self, flag), bool):
+                raise _fail(source, flag, getattr(self, flag), "expected true or false")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], source: str = "plan") -> CompressionPlan:
@@ -185,6 +187,7 @@ class CompressionPlan:
             "quant_steps": int(self.quant_steps),
             "kmeans_iters": int(self.kmeans_iters),
             "allow_empty_layer": bool(self.allow_empty_layer),
+            "keep_frozen": bool(self.keep_frozen),
         }
 
     def validate(self, available_groups: Iterable[str], source: str = "plan") -> CompressionPlan:

@@ -28,9 +28,17 @@ from trainables.compression.quantize import (
 TrainFn = Callable[[nn.Module, int, Callable[[], torch.Tensor] | None], list[float]]
 
 
-def _plan_groups(plan: CompressionPlan, groups: Mapping[str, Iterable[str]]) -> dict[str, list[str]]:
+def _plan_groups(
+    model: nn.Module, plan: CompressionPlan, groups: Mapping[str, Iterable[str]]
+) -> dict[str, list[str]]:
+    """The plan's groups, checked; every layer in them is made trainable, since a layer that is compressed must
+    be retrained (a backbone may arrive with its early convs frozen for the base fine-tune)."""
     plan.validate(groups)
-    return {name: list(groups[name]) for name in plan.groups}
+    mine = {name: list(groups[name]) for name in plan.groups}
+    if not plan.keep_frozen:
+        for _, _, module in group_layers(model, mine):
+            module.requires_grad_(True)
+    return mine
 
 
 def _train(
@@ -44,7 +52,7 @@ def sparsify(
 ) -> dict[str, Any]:
     """Stage 2: ``plan.l1_steps`` of training with ``plan.l1_lambda``·Σ|w| over the plan's layers added to the loss
     (with λ = 0 the steps still run, without the term, so trials that differ only in λ train equally long)."""
-    mine = _plan_groups(plan, groups)
+    mine = _plan_groups(model, plan, groups)
     extra = l1_penalty(model, mine, plan.l1_lambda) if plan.l1_lambda > 0 else None
     losses = _train(train_fn, model, plan.l1_steps, extra)
     return {"losses": losses, "sparsity": sparsity_report(model, mine)}
@@ -56,7 +64,7 @@ def prune_and_retrain(
     """Stage 3: ``plan.prune_rounds`` × (prune at each layer's threshold, retrain ``plan.retrain_steps`` with the
     masks held). Later rounds reuse the first round's absolute thresholds (``sigma`` is resolved once) on the
     retrained weights, and the masks accumulate."""
-    mine = _plan_groups(plan, groups)
+    mine = _plan_groups(model, plan, groups)
     thresholds: dict[str, float] = {}
     rounds = []
     for _ in range(plan.prune_rounds):
@@ -72,7 +80,7 @@ def quantize_and_finetune(
 ) -> dict[str, Any]:
     """Stage 4: quantize every layer of the groups with ``quant != "none"`` at the group's bits (a layer's prune
     mask is kept), then fine-tune ``plan.quant_steps`` (trained centroids / straight-through latent weights)."""
-    mine = _plan_groups(plan, groups)
+    mine = _plan_groups(model, plan, groups)
     layers = []
     for group, name, module in group_layers(model, mine):
         gp = plan.groups[group]
@@ -89,7 +97,7 @@ def compress_model(
 ) -> dict[str, Any]:
     """All stages in order on ``model`` (in place): ``{"sparsify": ..., "prune": ..., "quantize": ...}``, each the
     report of its stage function."""
-    _plan_groups(plan, groups)
+    plan.validate(groups)  # before any stage changes the model
     return {
         "sparsify": sparsify(model, plan, groups, train_fn),
         "prune": prune_and_retrain(model, plan, groups, train_fn),

@@ -1,4 +1,4 @@
-"""Lossless coding of one stream of small non-negative integer symbols, for the compressed artifact (codec.py).
+"""Lossless coding of one stream of small non-negative integer symbols, for the compressed artifact (layouts.py).
 
 A stream (quantization indices, a position bitmap, relative-index gaps) is stored with whichever coder makes it
 smallest:
@@ -12,7 +12,8 @@ smallest:
 
 Streams up to ``EXACT_LIMIT`` symbols are encoded with every coder and the smallest result is kept. Longer ones
 pick by exact sizes where those are known without encoding (``raw``, the ANS size from the entropy of the counts)
-and try zstd on a sample first, so a 134M-symbol stream is encoded once instead of three times.
+and try zstd on a sample first, so a 134M-symbol stream is encoded once instead of three times. The stream
+records and payloads as stored in the file are described in docs/artifact-format.md.
 """
 
 from __future__ import annotations
@@ -124,6 +125,8 @@ def _varint_decode(data: bytes, count: int) -> tuple[np.ndarray, int]:
         while True:
             if pos >= len(data):
                 raise StreamError("frequency table ends early")
+            if shift > 56:  # no honest count needs more than 8 varint bytes (and int64 holds no more)
+                raise StreamError("frequency table holds a count too large for a stream")
             b = data[pos]
             pos += 1
             v |= (b & 0x7F) << shift
@@ -183,10 +186,34 @@ _ZSTD_LEVEL_SMALL = 19
 _ZSTD_LEVEL_BIG = 3
 
 
-def _zstd(symbols: np.ndarray, alphabet: int) -> np.ndarray:
+#: Inputs up to this many bytes are always tried at level 19; longer ones (up to 1 MiB) only when level 3 already
+#: beats the other coders (`_ZSTD_TRY_19` x their bytes): level 19 runs at ~1 MB/s, and on streams near their
+#: entropy (where ANS wins) it gains nothing over level 3 -- 16 such streams were most of a VGG16 encode.
+_ZSTD_ALWAYS_19 = 128 << 10
+_ZSTD_TRY_19 = 1.0
+
+
+def _zstd(symbols: np.ndarray, alphabet: int, level: int | None = None) -> np.ndarray:
     raw = np.ascontiguousarray(symbols, dtype=symbol_dtype(alphabet)).tobytes()
-    level = _ZSTD_LEVEL_SMALL if len(raw) <= (1 << 20) else _ZSTD_LEVEL_BIG
-    return np.frombuffer(bytearray(zstandard.ZstdCompressor(level=level).compress(raw)), np.uint8)
+    small = len(raw) <= (1 << 20)
+    if level is None:
+        level = _ZSTD_LEVEL_SMALL if small else _ZSTD_LEVEL_BIG
+    # Long inputs on every core: the frame format (and the decoded bytes) are the same as single-threaded.
+    cctx = zstandard.ZstdCompressor(level=level, threads=0 if small else -1)
+    return np.frombuffer(bytearray(cctx.compress(raw)), np.uint8)
+
+
+def _zstd_exact(symbols: np.ndarray, alphabet: int, others: int) -> np.ndarray:
+    """zstd of a stream of up to `EXACT_LIMIT` symbols: level 19 for short inputs; for longer ones level 3, and
+    level 19 as well only if level 3 is within `_ZSTD_TRY_19` x ``others`` (the best other coder's bytes)."""
+    nbytes = len(symbols) * symbol_dtype(alphabet).itemsize
+    if nbytes <= _ZSTD_ALWAYS_19 or nbytes > (1 << 20):
+        return _zstd(symbols, alphabet)
+    fast = _zstd(symbols, alphabet, _ZSTD_LEVEL_BIG)
+    if len(fast) > _ZSTD_TRY_19 * others:
+        return fast
+    slow = _zstd(symbols, alphabet, _ZSTD_LEVEL_SMALL)
+    return slow if len(slow) <= len(fast) else fast
 
 
 def _ans_model(counts: np.ndarray) -> constriction.stream.model.Categorical:
@@ -209,17 +236,27 @@ def _ans_encode(symbols: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, in
     return np.concatenate([header, words.view(np.uint8)]), len(table) + 8
 
 
-def _ans_decode(data: np.ndarray, n: int, dtype: np.dtype) -> np.ndarray:
+def _ans_decode(data: np.ndarray, n: int, alphabet: int, dtype: np.dtype) -> np.ndarray:
     if len(data) < 8:
         raise StreamError("ANS stream is shorter than its 8-byte table header")
     tlen = int.from_bytes(data[:4].tobytes(), "little")
     used = int.from_bytes(data[4:8].tobytes(), "little")
+    # Checked before anything is allocated from them: at most one count per symbol of the alphabet, each at most
+    # 10 varint bytes, and all inside the payload.
+    if not 1 <= used <= alphabet or tlen > 10 * used or 8 + tlen > len(data):
+        raise StreamError(
+            f"ANS table header is corrupt ({used} counts in {tlen} bytes; alphabet {alphabet}, "
+            f"payload {len(data)} bytes)"
+        )
     counts, consumed = _varint_decode(data[8 : 8 + tlen].tobytes(), used)
-    if consumed != tlen or counts.sum() <= 0:
-        raise StreamError("ANS frequency table is corrupt")
+    # The counts are the stream's own symbol counts: they sum to its length.
+    if consumed != tlen or int(counts.sum()) != n or counts[used - 1] <= 0:
+        raise StreamError("ANS frequency table is corrupt (its counts do not add up to the stream)")
     body = data[8 + tlen :]
     if len(body) % 4:
         raise StreamError("ANS code words are not a whole number of 32-bit words")
+    if len(body) < 4:
+        raise StreamError("ANS stream has no code words")
     coder = constriction.stream.stack.AnsCoder(np.ascontiguousarray(body).view("<u4").astype(np.uint32))
     model = _ans_model(counts)
     out = np.empty(n, dtype)
@@ -268,9 +305,13 @@ def encode_symbols(symbols: np.ndarray, alphabet: int, counts: np.ndarray | None
 
     candidates: list[EncodedStream] = []
     if n <= EXACT_LIMIT:
-        candidates.append(EncodedStream("raw", _pack(symbols, bit_width(alphabet)), n, alphabet))
-        candidates.append(EncodedStream("zstd", _zstd(symbols, alphabet), n, alphabet))
+        # raw's size is known without packing: pack only if it wins (ties: raw, then zstd, then ans).
+        packed_size = raw_size(n, alphabet)
         data, tbytes = _ans_encode(symbols, counts)
+        zstd = _zstd_exact(symbols, alphabet, min(packed_size, len(data)))
+        if packed_size <= min(len(zstd), len(data)):
+            return EncodedStream("raw", _pack(symbols, bit_width(alphabet)), n, alphabet)
+        candidates.append(EncodedStream("zstd", zstd, n, alphabet))
         candidates.append(EncodedStream("ans", data, n, alphabet, table_bytes=tbytes))
         return min(candidates, key=lambda c: len(c.data))
 
@@ -292,28 +333,69 @@ def encode_symbols(symbols: np.ndarray, alphabet: int, counts: np.ndarray | None
     return EncodedStream("ans", data, n, alphabet, table_bytes=tbytes)
 
 
+def check_stream_record(record: Any, n: int | tuple[int, int], alphabet: int) -> dict[str, Any]:
+    """``record`` if it is a well-formed stream record of ``n`` symbols (an int, or an inclusive ``(low, high)``
+    range) over exactly ``alphabet``; else `StreamError` saying what is wrong. Nothing is allocated from a record
+    that has not passed this."""
+    if not isinstance(record, dict):
+        raise StreamError(f"stream record {record!r} is not an object")
+    coder, count, alpha = record.get("coder"), record.get("n"), record.get("alphabet")
+    if coder not in CODERS:
+        raise StreamError(f"unknown coder {coder!r}; known: {', '.join(CODERS)}")
+    if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+        raise StreamError(f"stream length {count!r} is not a non-negative integer")
+    low, high = (n, n) if isinstance(n, int) else n
+    if not low <= count <= high:
+        want = f"{low}" if low == high else f"{low}..{high}"
+        raise StreamError(f"stream claims {count} symbols, the tensor needs {want}")
+    if alpha != alphabet or isinstance(alpha, bool):
+        raise StreamError(f"stream alphabet {alpha!r} is not the {alphabet} this layout uses")
+    if coder == "const":
+        value = record.get("value", 0)
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < max(1, alphabet):
+            raise StreamError(f"const stream value {value!r} is outside the alphabet 0..{alphabet - 1}")
+    return record
+
+
 def decode_symbols(data: np.ndarray, record: dict[str, Any]) -> np.ndarray:
-    """Inverse of `encode_symbols`: the symbols as the smallest unsigned dtype of the record's alphabet."""
+    """Inverse of `encode_symbols`: the symbols as the smallest unsigned dtype of the record's alphabet.
+
+    Allocates at most ``n`` symbols (plus the payload's own size): a zstd frame must state its content size, and
+    it must be exactly what ``n`` symbols take."""
     try:
         coder, n, alphabet = record["coder"], int(record["n"]), int(record["alphabet"])
     except (KeyError, TypeError, ValueError) as e:
         raise StreamError(f"stream record {record!r} lacks coder/n/alphabet") from e
+    if n < 0 or alphabet < 1:
+        raise StreamError(f"stream record {record!r} has a negative length or an empty alphabet")
     dtype = symbol_dtype(alphabet)
     data = np.asarray(data, np.uint8).reshape(-1)
     if coder == "const":
-        return np.full(n, int(record.get("value", 0)), dtype)
+        value = int(record.get("value", 0))
+        if not 0 <= value < alphabet:
+            raise StreamError(f"const stream value {value} is outside the alphabet 0..{alphabet - 1}")
+        if len(data):
+            raise StreamError(f"const stream carries {len(data)} payload bytes, expected none")
+        return np.full(n, value, dtype)
     if coder == "raw":
         out = _unpack(data, n, bit_width(alphabet), dtype)
     elif coder == "zstd":
+        expected = n * dtype.itemsize
         try:
-            raw = zstandard.ZstdDecompressor().decompress(data.tobytes())
+            size = zstandard.frame_content_size(data.tobytes()[:18])
+        except zstandard.ZstdError as e:
+            raise StreamError(f"zstd stream has no valid frame header: {e}") from e
+        if size != expected:
+            raise StreamError(f"zstd frame holds {size} bytes, expected {expected} for {n} symbols")
+        try:
+            raw = zstandard.ZstdDecompressor().decompress(data.tobytes(), max_output_size=expected)
         except zstandard.ZstdError as e:
             raise StreamError(f"zstd stream does not decompress: {e}") from e
+        if len(raw) != expected:
+            raise StreamError(f"zstd stream holds {len(raw)} bytes, expected {expected}")
         out = np.frombuffer(bytearray(raw), dtype)
-        if len(out) != n:
-            raise StreamError(f"zstd stream holds {len(out)} symbols, expected {n}")
     elif coder == "ans":
-        out = _ans_decode(data, n, dtype)
+        out = _ans_decode(data, n, alphabet, dtype)
     else:
         raise StreamError(f"unknown coder {coder!r}; known: {', '.join(CODERS)}")
     if n and int(out.max()) >= alphabet:

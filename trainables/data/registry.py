@@ -14,6 +14,7 @@ from trainables.data.oxford import RetrievalDataset, load_original, load_revisit
 # name -> (layout, folder under data_root). Synthetic splits live under the synthetic cache root instead.
 DATASETS: dict[str, tuple[str, str]] = {
     "synthetic-train": ("synthetic", "train"),
+    "synthetic-val": ("synthetic", "val"),
     "synthetic-test": ("synthetic", "test"),
     "oxford5k": ("original", "oxford5k"),
     "paris6k": ("original", "paris6k"),
@@ -32,7 +33,8 @@ def load_dataset(name: str, data_root: str | os.PathLike | None = None, seed: in
         raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
     layout, folder = DATASETS[name]
     if layout == "synthetic":
-        from trainables.data.synthetic import ensure_synthetic  # heavy imports only when needed
+        # Lazy: the generator (scikit-image, fonts) loads only when a synthetic split is asked for.
+        from trainables.data.synthetic import ensure_synthetic
 
         root = ensure_synthetic(Path(data_root) if data_root is not None else None, seed=seed)
         return load_original(root / folder, name)

@@ -15,12 +15,17 @@ Oxford's definitions from the measured visible fraction of the place's core box:
 visible, mild viewpoint change), ok = strong viewpoint change or partial view (>= 25% visible), junk = < 25%
 visible. Query boxes are the core box's bounding rectangle in the query image.
 
-Train and test splits use different source photos, so their places are disjoint. Everything is small (longest
+Train and test splits use different source photos, so their places are disjoint. The validation split holds new
+views (own random cameras, own images) of the training places: there are not enough bundled photos for a third set
+of places, so validation shares places with train and none with test. Everything is small (longest
 side 200-256 px) so a tiny CNN on two CPU cores extracts a split in seconds.
 
-Cache: `<cache_dir>/synthetic-v1-s<seed>` where cache_dir defaults to `$VLADSWEEP_CACHE` or
-`~/.cache/vladsweep`. The folder is built in a temporary sibling and renamed into place (atomic), under a
-best-effort file lock, so concurrent callers (e.g. Ray trials starting together) never see a half-written set.
+Cache: `<cache_dir>/synthetic-v1-s<seed>` where cache_dir defaults to `trainables.fileio.user_cache_dir()`
+(`$VLADSWEEP_CACHE` or `~/.cache/vladsweep`). The folder is built in a temporary sibling and renamed into place
+(`trainables.fileio.atomic_directory`), under a best-effort file lock, so concurrent callers (e.g. Ray trials
+starting together) never see a half-written set.
+
+Model-free baselines on this set (thumbnail pixels, colour histograms) live in `trainables.retrieval.baselines`.
 """
 
 from __future__ import annotations
@@ -33,9 +38,6 @@ import importlib.util
 import io
 import json
 import math
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -46,8 +48,13 @@ from PIL import Image
 from scipy import ndimage
 from skimage.transform import ProjectiveTransform, warp
 
-VERSION = 1
-SPLITS = ("train", "test")
+from trainables.fileio import atomic_directory, user_cache_dir
+from trainables.progress import track
+
+VERSION = 2
+#: ``val`` is last so that adding it left the train and test images unchanged (a split's RNG streams are keyed
+#: by its position here).
+SPLITS = ("train", "test", "val")
 QUERIES_PER_PLACE = 5
 VIEWS_PER_PLACE = 10  # db views besides the query images: 4 mild, 4 strong, 2 partial
 VIEWS_PER_DISTRACTOR = 24
@@ -114,6 +121,10 @@ REGIONS: dict[str, list[Region]] = {
         _whole("horse", "skimage:horse.png", landmark=False),
     ],
 }
+# Validation: new random views of the training places and distractors. The bundled photos are too few for a third
+# set of places, so validation shares its places (not its images) with train and none with test: it measures
+# what compression costs on views the model never saw, and the test split stays untouched by every choice.
+REGIONS["val"] = list(REGIONS["train"])
 
 
 class SyntheticDataError(RuntimeError):
@@ -335,7 +346,7 @@ def build_split(root: Path, split: str, seed: int) -> dict:
         r.name: {"good": [], "ok": [], "junk": []} for r in regions if r.landmark
     }
     queries: dict[str, list[tuple[str, tuple]]] = {r.name: [] for r in regions if r.landmark}
-    for v, (r, mode, k) in enumerate(views):
+    for v, (r, mode, k) in enumerate(track(views, f"synthetic set: {split}", unit="img")):
         region_id = regions.index(r)
         rng = np.random.default_rng([seed, split_id, region_id, k])  # per view: independent of build order
         img, box, visible = _render(
@@ -368,13 +379,9 @@ def build_split(root: Path, split: str, seed: int) -> dict:
 # --------------------------------------------------------------------------------------------------- caching
 
 
-def default_cache_dir() -> Path:
-    env = os.environ.get("VLADSWEEP_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "vladsweep"
-
-
 def synthetic_root(cache_dir: Path | None = None, seed: int = 0) -> Path:
-    base = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    """Where the set for ``seed`` lives: ``<cache_dir>/synthetic-v<VERSION>-s<seed>`` (default: the user cache)."""
+    base = Path(cache_dir).expanduser() if cache_dir is not None else user_cache_dir()
     return base / f"synthetic-v{VERSION}-s{seed}"
 
 
@@ -434,57 +441,10 @@ def ensure_synthetic(cache_dir: Path | None = None, seed: int = 0) -> Path:
     with _lock(root.parent / f".{root.name}.lock"):
         if _is_complete(root):  # another process finished while we waited
             return root
-        if (
-            root.exists()
-        ):  # a folder without manifest was not written by us (the rename is atomic): move aside
-            stale = Path(tempfile.mkdtemp(prefix=f".{root.name}.stale-", dir=root.parent))
-            os.replace(root, stale / "old")
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
-        try:
-            build_synthetic(tmp, seed)
-            os.chmod(tmp, 0o755)  # mkdtemp makes it private; a cache should read like any folder
-            try:
-                os.rename(tmp, root)
-            except OSError:
-                if not _is_complete(root):  # lost a race without a lock: the winner's copy is identical
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        # A folder without manifest was not written by us (the rename is atomic): it is moved aside. Losing a race
+        # without a lock is fine too: the winner's copy is identical, so ours is dropped.
+        atomic_directory(root, lambda tmp: build_synthetic(tmp, seed), is_complete=_is_complete)
     return root
-
-
-def baseline_descriptors(paths: list[Path], bbxs: list | None = None, kind: str = "pixels") -> np.ndarray:
-    """Model-free descriptors to check the set is not trivially solved: `pixels` (16x16 RGB thumbnail,
-    zero-mean, L2) or `histogram` (8x8x8 joint RGB histogram, square-rooted, L2). Queries are cropped to bbxs."""
-    if kind not in ("pixels", "histogram"):
-        raise ValueError(f"kind must be 'pixels' or 'histogram', got {kind!r}")
-    out = []
-    for i, path in enumerate(paths):
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            box = bbxs[i] if bbxs is not None else None
-            if box is not None:
-                im = im.crop(tuple(round(v) for v in box))
-            if kind == "pixels":
-                v = np.asarray(im.resize((16, 16), Image.Resampling.BILINEAR), np.float32).ravel()
-                v = v - v.mean()
-            else:
-                q = np.asarray(im, np.uint8) // 32
-                v = np.bincount((q[..., 0] * 64 + q[..., 1] * 8 + q[..., 2]).ravel(), minlength=512)
-                v = np.sqrt(v.astype(np.float32) / max(1, v.sum()))
-        out.append(v / max(float(np.linalg.norm(v)), 1e-12))
-    return np.stack(out)
-
-
-def baseline_map(dataset, kind: str = "pixels") -> float:
-    """mAP (Oxford protocol) of `baseline_descriptors` on a RetrievalDataset; should sit clearly below 1."""
-    from trainables.retrieval.metrics import mean_average_precision  # lazy: retrieval imports data
-
-    db = baseline_descriptors(dataset.image_paths(), None, kind)
-    q = baseline_descriptors(dataset.query_paths(), dataset.bbxs, kind)
-    ranks = np.argsort(-(db @ q.T), axis=0, kind="stable")
-    return float(mean_average_precision(ranks, dataset.gnd))
 
 
 def main(argv: list[str] | None = None) -> int:

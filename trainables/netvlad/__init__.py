@@ -1,4 +1,4 @@
-"""NetVLAD models: backbones, the NetVLAD pooling layer, PCA whitening and model assembly."""
+"""NetVLAD models: backbones, batch-norm folding, the NetVLAD pooling layer, PCA whitening and model assembly."""
 
 from trainables.netvlad.backbones import (
     BACKBONE_DIMS,
@@ -8,6 +8,7 @@ from trainables.netvlad.backbones import (
     build_backbone,
     imagenet_weights_path,
 )
+from trainables.netvlad.fold_bn import FoldError, fold_batchnorm
 from trainables.netvlad.layers import NetVLAD, alpha_rule, netvlad_pool
 from trainables.netvlad.model import (
     NetVLADConfig,
@@ -22,6 +23,7 @@ from trainables.netvlad.whitening import WhiteningError, learn_pca_whitening, le
 __all__ = [
     "BACKBONES",
     "BACKBONE_DIMS",
+    "FoldError",
     "NetVLAD",
     "NetVLADConfig",
     "NetVLADModel",
@@ -32,6 +34,7 @@ __all__ = [
     "build_backbone",
     "build_netvlad",
     "fit_whitening",
+    "fold_batchnorm",
     "imagenet_weights_path",
     "init_clusters",
     "learn_pca_whitening",

@@ -74,7 +74,7 @@ class NetVLAD(nn.Module):
         if not np.isfinite(descs).all():
             raise ValueError("descriptors contain NaN or inf; the backbone output is broken")
         descs = descs / np.maximum(np.linalg.norm(descs, axis=1, keepdims=True), 1e-12)
-        # faiss silently subsamples to 256 points per centroid by default (DESIGN §9): use every point.
+        # faiss silently subsamples to 256 points per centroid by default (docs/traps.md#faiss-kmeans-subsampling): use every point.
         km = faiss.Kmeans(
             self.dim,
             self.num_clusters,

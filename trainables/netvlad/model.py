@@ -20,7 +20,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
+from trainables.data.images import ImageReadError, load_image
+from trainables.devices import model_device
 from trainables.netvlad.backbones import BACKBONE_DIMS, BACKBONES, build_backbone
 from trainables.netvlad.layers import NetVLAD
 from trainables.netvlad.whitening import learn_whitening
@@ -33,8 +36,9 @@ class NetVLADConfig:
     """Architecture (+ where the backbone's starting weights come from) of a NetVLAD model."""
 
     backbone: str
-    num_clusters: int = 64
-    whitening_dim: int | None = 4096
+    num_clusters: int
+    #: None: no whitening (the VLAD vector itself is the descriptor).
+    whitening_dim: int | None
     #: None (random), "imagenet" (torchvision cache only) or a state-dict path; not part of the architecture.
     weights: str | None = None
 
@@ -98,7 +102,8 @@ class NetVLADModel(nn.Module):
     def compression_groups(self) -> dict[str, list[str]]:
         """Qualified module names per compression group: every backbone conv, the NetVLAD conv, the whitening."""
         groups = {
-            "conv": [f"backbone.{n}" for n, m in self.backbone.named_children() if isinstance(m, nn.Conv2d)],
+            # named_modules, not named_children: EfficientNet's convs sit inside blocks (depthwise + pointwise).
+            "conv": [f"backbone.{n}" for n, m in self.backbone.named_modules() if isinstance(m, nn.Conv2d)],
             "netvlad": ["pool.conv"],
         }
         if self.whiten is not None:
@@ -132,12 +137,15 @@ def build_netvlad(config: dict[str, Any]) -> NetVLADModel:
         raise ValueError(f"unknown NetVLAD config keys {sorted(unknown)}; allowed: {sorted(_CONFIG_KEYS)}")
     if config.get("arch", "netvlad") != "netvlad":
         raise ValueError(f"config arch={config['arch']!r} is not 'netvlad'")
-    if "backbone" not in config:
-        raise ValueError("NetVLAD config lacks 'backbone'")
+    missing = [k for k in ("backbone", "num_clusters", "whitening_dim") if k not in config]
+    if missing:
+        raise ValueError(
+            f"NetVLAD config lacks {', '.join(map(repr, missing))} (from NetVLADModel.config_dict())"
+        )
     cfg = NetVLADConfig(
         backbone=config["backbone"],
-        num_clusters=config.get("num_clusters", 64),
-        whitening_dim=config.get("whitening_dim", 4096),
+        num_clusters=config["num_clusters"],
+        whitening_dim=config["whitening_dim"],
         weights=None,
     )
     return NetVLADModel(cfg)
@@ -147,10 +155,6 @@ def parameter_summary(model: nn.Module) -> tuple[list[dict[str, Any]], int]:
     """Per-parameter rows ``{"name", "shape", "params"}`` and the total parameter count (works on meta tensors)."""
     rows = [{"name": n, "shape": list(p.shape), "params": p.numel()} for n, p in model.named_parameters()]
     return rows, sum(r["params"] for r in rows)
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 ImageSource = str | os.PathLike | torch.Tensor
@@ -178,19 +182,15 @@ def init_clusters(
         images = [images[i] for i in idx]
     was_training = model.training
     model.eval()
-    device = _model_device(model)
+    device = model_device(model)
     chunks: list[np.ndarray] = []
     it: Iterable[ImageSource] = images
     if progress:
-        from tqdm.auto import tqdm
-
         it = tqdm(images, desc="k-means descriptors", unit="img", leave=False)
     for i, img in enumerate(it):
         if i >= n_images:
             break
         if isinstance(img, str | os.PathLike | Path):
-            from trainables.data.images import ImageReadError, load_image
-
             if image_size is None:
                 raise ValueError("init_clusters needs image_size to load images from paths")
             try:
@@ -231,7 +231,7 @@ def fit_whitening(model: NetVLADModel, vlad_vectors: np.ndarray, out_dim: int | 
             f"VLAD vectors must have shape (n, {model.config.vlad_dim}) (the output of model.vlad), "
             f"got {vlad_vectors.shape}"
         )
-    lin = learn_whitening(vlad_vectors, out_dim).to(_model_device(model))
+    lin = learn_whitening(vlad_vectors, out_dim).to(model_device(model))
     model.whiten = lin
     model.config.whitening_dim = out_dim
     return lin

@@ -16,7 +16,7 @@ from torch import nn
 from trainables.data.oxford import RetrievalDataset
 from trainables.retrieval.extract import extract_descriptors
 from trainables.retrieval.metrics import mean_average_precision, revisited_gnd, revisited_map
-from trainables.retrieval.search import rank_database
+from trainables.retrieval.rank import rank_database
 
 __all__ = ["describe_dataset", "evaluate_dataset", "random_ranking_map", "score_ranking"]
 

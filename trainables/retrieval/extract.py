@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
 from trainables.data.images import ImageReadError, load_image
+from trainables.progress import progress as progress_bar
 
 __all__ = ["extract_descriptors", "resolve_device"]
 
@@ -133,7 +133,7 @@ def extract_descriptors(
     )
     out: np.ndarray | None = None
     unreadable: list[int] = []
-    bar = tqdm(total=len(paths), desc=desc, unit="img", disable=not progress)
+    bar = progress_bar(desc, total=len(paths), unit="img", enabled=progress)
     try:
         with torch.no_grad():
             for idx, batch in _shape_batches(iter(loader), batch_size, max_waiting=4 * batch_size):

@@ -1,10 +1,12 @@
-"""The trial's parameters: one table (``TRIAL_PARAMS``) of names, types, domains, defaults and help.
+"""The trial contract: what a trial takes, the stages it runs, the files it leaves and the keys it reports.
 
-Everything that reads or writes a trial config agrees through this table: the search-space schema checks YAML
-files against it, ``resolve_trial_config`` fills defaults and expands per-group overrides into the dict that
-``trainables.compression.plan.CompressionPlan.from_dict`` takes, and the trial (``trainables/pipeline.py``) reads
-its config only through ``resolve_trial_config``. This module imports nothing from ``trainables`` (leaf package);
-the plan keys it writes are kept in line with ``plan.py`` by a test.
+Every layer that writes or reads a trial agrees through this module: the trial (``trainables/pipeline.py``)
+writes it; the search-space schema, the sweep driver, MLflow tracking, release, serving, the dashboards and the
+tests read it. It holds data and plain checks only (no torch, no Ray, no MLflow), so any of them can import it.
+
+The parameter table (``TRIAL_PARAMS``) is the one list of trial parameters: ``resolve_trial_config`` fills
+defaults and expands per-group overrides into the dict ``trainables.compression.plan.CompressionPlan.from_dict``
+takes; the plan checks its values against the domains defined here.
 """
 
 from __future__ import annotations
@@ -14,11 +16,98 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+# ----------------------------------------------------------------------------------------------- value domains
+
 #: Layer groups a NetVLAD model exposes (``NetVLADModel.compression_groups()``), in canonical order.
 GROUPS: tuple[str, ...] = ("conv", "netvlad", "whitening")
+#: How a pruning threshold is read (``trainables.compression.plan.GroupPlan.prune``).
 PRUNE_MODES: tuple[str, ...] = ("abs", "sigma", "none")
+#: How a group's weights are quantized (``GroupPlan.quant``).
 QUANT_MODES: tuple[str, ...] = ("uniform", "kmeans", "none")
+#: Most bits per weight index (a codebook of 2^16 values).
 MAX_BITS = 16
+
+# ------------------------------------------------------------------------------------------------- the stages
+
+#: The trial's stages in the order they run; each ends with a report carrying a checkpoint, and the report's
+#: ``stage`` key is the name of the stage that just ended (the last one, ``evaluate``, carries the objectives).
+STAGES: tuple[str, ...] = ("sparsify", "prune", "quantize", "evaluate")
+FINAL_STAGE: str = STAGES[-1]
+
+# --------------------------------------------------------------------------------------- the files a trial leaves
+
+#: The compressed model: the file that ships, whose size is ``memory_mib``.
+ARTIFACT_FILE = "model.vlad.safetensors"
+#: Per-layer size report of the artifact (``SizeReport.to_dict()``), and its Markdown and HTML views.
+LAYERS_JSON = "layers.json"
+LAYERS_MD = "layers.md"
+LAYERS_HTML = "layers.html"
+#: Checkpoint contents between stages: the trial's progress and the weights (+ prune masks) of the last stage.
+STATE_FILE = "trial_state.json"
+WEIGHTS_FILE = "weights.safetensors"
+#: The files of the final checkpoint, all of which a front member's MLflow run carries.
+RESULT_FILES: tuple[str, ...] = (ARTIFACT_FILE, LAYERS_JSON, LAYERS_MD)
+
+# ------------------------------------------------------------------------------------------ what a trial reports
+
+#: Every protocol has validation and test splits. What the search optimizes is measured on the validation
+#: splits only; the test splits are measured beside it, for the user, and never seen by the search.
+VAL_MAP_KEY = "val_mAP"
+TEST_MAP_KEY = "test_mAP"
+#: The objectives the search optimizes and the front is drawn on: name -> "max" | "min".
+OBJECTIVES: dict[str, str] = {VAL_MAP_KEY: "max", "memory_mib": "min"}
+#: The mAP of the objectives (mean over the validation splits, of the model decoded from the file that ships).
+MAP_KEY = VAL_MAP_KEY
+MEMORY_KEY = "memory_mib"
+#: Further keys of the final report: relative mAP drops against the dense base on the same splits, dense fp32
+#: bytes / file bytes, the fraction of zero weights in the compressed groups, the poster's way of counting size,
+#: and per-stage seconds.
+DROP_KEY = "val_mAP_drop"
+TEST_DROP_KEY = "test_mAP_drop"
+RATIO_KEY = "compression_ratio"
+SPARSITY_KEY = "sparsity"
+POSTER_MIB_KEY = "poster_style_mib"
+STAGE_KEY = "stage"
+#: Where a report was made: the Ray node, the GPUs Ray gave the trial, the device torch used.
+PLACEMENT_KEYS: tuple[str, ...] = ("node_id", "gpu_ids", "device")
+
+#: Baselines every front is read against, as mAP per split (the base's meta ``baselines``): the ones that need
+#: no model bytes at all (a random ranking, 16x16 thumbnails, a colour histogram), and the network before any
+#: fine-tuning.
+ZERO_BYTE_BASELINES: tuple[str, ...] = ("random", "thumbnails", "histogram")
+BASELINES: tuple[str, ...] = (*ZERO_BYTE_BASELINES, "off_the_shelf")
+
+
+def best_zero_byte_baseline(
+    baselines: Mapping[str, Mapping[str, float]], splits: list[str] | tuple[str, ...]
+) -> tuple[str, float]:
+    """``(name, mAP)`` of the best zero-byte baseline, its mAP averaged over ``splits``; ``baselines`` is the base
+    meta's ``{split: {baseline: mAP}}``. A compressed model below it is worth nothing: no bytes do better."""
+    scores = {
+        name: sum(float(baselines[split][name]) for split in splits) / len(splits)
+        for name in ZERO_BYTE_BASELINES
+    }
+    best = max(scores, key=lambda name: scores[name])
+    return best, scores[best]
+
+
+def baseline_metric(name: str, split: str) -> str:
+    """The parent run's metric name of one baseline on one split."""
+    return f"baseline_{name}_{split}"
+
+
+def seconds_key(stage: str) -> str:
+    """The report key of a stage's wall seconds (``seconds_trial`` for the sum)."""
+    return f"seconds_{stage}"
+
+
+def map_key(split: str) -> str:
+    """The report key of the mAP on one split (``val_mAP`` / ``test_mAP`` are the means over a protocol's
+    validation / test splits)."""
+    return f"{MAP_KEY}_{split}"
+
+
+# --------------------------------------------------------------------------------------- the trial's parameters
 
 
 class TrialConfigError(ValueError):
@@ -190,7 +279,15 @@ def _params() -> dict[str, ParamSpec]:
         ParamSpec(
             "kmeans_iters", int, 30, "Lloyd iterations of the k-means codebook before training.", low=0
         ),
-        ParamSpec("lr", float, 1e-4, "Learning rate of every fine-tuning stage.", low=0.0, low_open=True),
+        ParamSpec(
+            "lr",
+            float,
+            1e-4,
+            "Step size of every retraining stage, as a fraction of each tensor's RMS (Adam with relative "
+            "steps: trainables/train.py RETRAIN_RECIPE).",
+            low=0.0,
+            low_open=True,
+        ),
         ParamSpec(
             "groups",
             str,

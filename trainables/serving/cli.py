@@ -1,14 +1,10 @@
-"""Nearest-neighbour ranking of a database for a set of queries (faiss, exact inner product on unit vectors),
-and the command line that serves a released model.
+"""The command line that serves a released model: ``python -m trainables.serving``.
 
-The output of `rank_database` is laid out the way :mod:`trainables.retrieval.metrics` reads it: ``ranks[:, q]``
-lists database indices for query ``q``, best first.
-
-``python -m trainables.retrieval.search --model MODEL --database DIR --query IMAGE [--top-k K]`` loads a
-compressed artifact (a file, or a registry URI ``models:/NAME@ALIAS``), indexes the images under ``DIR`` (cached,
-see :mod:`trainables.retrieval.index`) and prints the ``K`` most similar with their cosine scores.
-``--evaluate DATASET`` instead reports the model's mAP on a benchmark with exactly the protocol the sweep's trials
-use (`trainables.retrieval.evaluate.evaluate_dataset` at the artifact's image size), so it equals the trial's mAP.
+``python -m trainables.serving --model MODEL --database DIR --query IMAGE [--top-k K]`` loads a compressed artifact
+(a file, or a registry URI ``models:/NAME@ALIAS``), indexes the images under ``DIR`` (cached, see
+:mod:`trainables.serving.index`) and prints the ``K`` most similar with their cosine scores. ``--evaluate DATASET``
+instead reports the model's mAP on a benchmark with exactly the protocol the sweep's trials use
+(`trainables.retrieval.evaluate.evaluate_dataset` at the artifact's image size), so it equals the trial's mAP.
 """
 
 from __future__ import annotations
@@ -22,87 +18,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-import faiss
-import numpy as np
+from trainables.contract import ARTIFACT_FILE
+from trainables.fileio import file_sha256
 
-__all__ = ["gpu_available", "main", "rank_database", "resolve_model"]
+__all__ = ["ModelSpecError", "build_parser", "main", "resolve_model"]
 
-# faiss GPU k-selection handles at most this many neighbours per query (GPU_MAX_SELECTION_K in faiss/gpu).
-_GPU_MAX_K = 2048
-
-
-def gpu_available() -> bool:
-    """True when this faiss build has GPU support and sees at least one GPU."""
-    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
-
-
-def _prepare(x: np.ndarray, name: str) -> np.ndarray:
-    arr = np.asarray(x)
-    if arr.ndim != 2:
-        raise ValueError(f"{name} must be a 2-D array (n, d) of descriptors, got shape {arr.shape}")
-    if arr.shape[0] == 0:
-        raise ValueError(f"{name} is empty (shape {arr.shape}); need at least one descriptor")
-    if not np.issubdtype(arr.dtype, np.floating):
-        raise ValueError(f"{name} must hold floating-point descriptors, got dtype {arr.dtype}")
-    # Always a fresh float32 copy: normalize_L2 works in place and the caller's array must stay untouched.
-    arr = np.array(arr, dtype=np.float32, order="C", copy=True)
-    bad = ~np.isfinite(arr).all(axis=1)
-    if bad.any():
-        rows = np.nonzero(bad)[0]
-        raise ValueError(
-            f"{name} has non-finite values (NaN/inf) in {rows.size} row(s), first rows {rows[:5].tolist()}; "
-            "the model produced broken descriptors"
-        )
-    # Unit length makes inner product = cosine similarity; all-zero rows stay zero (score 0 with everything).
-    faiss.normalize_L2(arr)
-    return arr
-
-
-def rank_database(
-    db: np.ndarray,
-    queries: np.ndarray,
-    top_k: int | None = None,
-    use_gpu: bool | None = None,
-) -> np.ndarray:
-    """Rank ``db`` (n_db, d) for each of ``queries`` (n_q, d) by cosine similarity.
-
-    Returns int64 ``(k, n_q)`` database indices, best first, with ``k = n_db`` by default or ``min(top_k, n_db)``.
-    Descriptors are L2-normalized (a copy) before the exact inner-product search. ``use_gpu=None`` uses a faiss
-    GPU index when one is available and ``k`` fits its k-selection limit (2048), else the CPU; ``True`` insists.
-    """
-    db32 = _prepare(db, "db")
-    q32 = _prepare(queries, "queries")
-    if db32.shape[1] != q32.shape[1]:
-        raise ValueError(
-            f"db descriptors have dimension {db32.shape[1]} but queries have {q32.shape[1]}; "
-            "extract both with the same model"
-        )
-    n_db, d = db32.shape
-    if top_k is not None and (not isinstance(top_k, int | np.integer) or top_k < 1):
-        raise ValueError(f"top_k must be a positive integer or None (rank everything), got {top_k!r}")
-    k = n_db if top_k is None else min(int(top_k), n_db)
-
-    on_gpu = (gpu_available() and k <= _GPU_MAX_K) if use_gpu is None else bool(use_gpu)
-    if on_gpu:
-        if not gpu_available():
-            raise RuntimeError("use_gpu=True but this faiss build has no GPU support or sees no GPU")
-        if k > _GPU_MAX_K:
-            raise ValueError(f"faiss GPU search returns at most {_GPU_MAX_K} neighbours, asked for {k}")
-        res = faiss.StandardGpuResources()
-        index = faiss.GpuIndexFlatIP(res, d)
-    else:
-        index = faiss.IndexFlatIP(d)
-    index.add(db32)
-    _, idx = index.search(q32, k)
-    return np.ascontiguousarray(idx.T, dtype=np.int64)
-
-
-# ------------------------------------------------------------------------------------------------ command line
-
-log = logging.getLogger("vladsweep.search")
-
-#: The artifact's name in a sweep's ``model/`` folder (what `sweep.release` registers).
-ARTIFACT_NAME = "model.vlad.safetensors"
+log = logging.getLogger(__name__)
 
 
 class ModelSpecError(ValueError):
@@ -110,8 +31,8 @@ class ModelSpecError(ValueError):
 
 
 def _artifact_in(folder: Path, spec: str) -> Path:
-    """The compressed file inside a downloaded or given folder: ``model.vlad.safetensors``, else the only one."""
-    preferred = folder / ARTIFACT_NAME
+    """The compressed file inside a downloaded or given folder: `ARTIFACT_FILE`, else the only one."""
+    preferred = folder / ARTIFACT_FILE
     if preferred.is_file():
         return preferred
     found = sorted(folder.rglob("*.safetensors"))
@@ -136,9 +57,8 @@ def resolve_model(spec: str, tracking_uri: str | None, workdir: str | os.PathLik
             )
         return path, str(path)
 
-    # The issue asks this CLI to accept registry URIs (models:/NAME@ALIAS), so MLflow is imported here, lazily and
-    # only for such a URI: the library functions under trainables/ stay MLflow-free, and serving a plain file needs
-    # no MLflow at all.
+    # Lazy import: only a registry or run URI (models:/NAME@ALIAS, runs:/...) needs MLflow. Serving a plain file
+    # starts without it (MLflow is slow to import), and the library under trainables/ stays MLflow-free.
     try:
         import mlflow
         from mlflow.exceptions import MlflowException
@@ -186,7 +106,7 @@ def _image_size(model, override: int | None, path: Path) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m trainables.retrieval.search",
+        prog="python -m trainables.serving",
         description="Serve a compressed NetVLAD model: rank a folder of images for a query image, or measure the "
         "model's mAP on a benchmark (the protocol of the sweep's trials).",
     )
@@ -249,13 +169,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--top-k {args.top_k}: must be at least 1")
     if args.image_size is not None and args.image_size < 1:
         parser.error(f"--image-size {args.image_size}: must be at least 1")
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
 
-    # Heavy imports after argument checks, so `--help` and usage errors answer at once.
+    # Heavy imports after argument checks, so `--help` and usage errors answer at once. faiss comes before torch:
+    # both bring OpenMP (docs/traps.md).
+    import faiss  # noqa: F401
+
     from trainables.compression.codec import CodecError, load_compressed
     from trainables.data.images import ImageReadError
     from trainables.data.oxford import DatasetError
-    from trainables.retrieval.index import IndexBuildError, describe_query, file_sha256, open_index
+    from trainables.serving.index import IndexBuildError, describe_query, open_index
+
+    # Only now: faiss's loader logs its CPU-feature probing at INFO on import, which is not the CLI's output.
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
 
     with tempfile.TemporaryDirectory(prefix="vladsweep-model-") as work:
         try:
@@ -318,7 +243,3 @@ def main(argv: list[str] | None = None) -> int:
         for i, (p, s) in enumerate(hits, 1):
             print(f"{i:>4}  {s:>7.4f}  {p}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -6,7 +6,7 @@ kept beside the database in ``<database>/.vladsweep-index/<model_key[:16]>-s<ima
 manifest (each row's relative path, mtime and size). The next call with the same model and image size reuses it;
 when files were added, changed or removed only those are described again (the kept rows are read back from the
 index) and the cache is rewritten. When the database folder is not writable the cache goes under
-``$VLADSWEEP_CACHE/index`` (default ``~/.cache/vladsweep/index``) instead.
+``$VLADSWEEP_CACHE/index`` (default ``~/.cache/vladsweep/index``, see `trainables.fileio.user_cache_dir`) instead.
 
 Nothing here unpickles: faiss's own binary format for the vectors, JSON for the rest. The manifest carries the
 sha256 of the index file, so a damaged or mismatched pair is rebuilt rather than trusted.
@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from trainables.data.images import ImageReadError
+from trainables.fileio import atomic_write, file_sha256, user_cache_dir
 from trainables.retrieval.extract import extract_descriptors
 
 __all__ = [
@@ -39,7 +40,6 @@ __all__ = [
     "IndexBuildError",
     "cache_location",
     "describe_query",
-    "file_sha256",
     "list_images",
     "open_index",
 ]
@@ -54,15 +54,6 @@ MANIFEST_VERSION = 1
 
 class IndexBuildError(RuntimeError):
     """The database cannot be indexed (no images, nothing readable); the message names the folder."""
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file's bytes: the identity of a model artifact in cache names."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def list_images(database: str | os.PathLike) -> list[Path]:
@@ -80,11 +71,6 @@ def list_images(database: str | os.PathLike) -> list[Path]:
             if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_EXTENSIONS
         )
     return sorted(found, key=lambda p: p.relative_to(root).as_posix())
-
-
-def _user_cache_dir() -> Path:
-    env = os.environ.get("VLADSWEEP_CACHE")
-    return (Path(env).expanduser() if env else Path.home() / ".cache" / "vladsweep") / "index"
 
 
 def _writable_dir(path: Path) -> bool:
@@ -109,7 +95,7 @@ def cache_location(database: str | os.PathLike, cache_dir: str | os.PathLike | N
     beside = root / CACHE_DIRNAME
     if _writable_dir(beside):
         return beside
-    fallback = _user_cache_dir() / hashlib.sha256(str(root).encode()).hexdigest()[:16]
+    fallback = user_cache_dir("index", hashlib.sha256(str(root).encode()).hexdigest()[:16])
     if not _writable_dir(fallback):
         raise IndexBuildError(
             f"cannot write an index cache beside {root} nor in {fallback}; pass a writable --index-dir"
@@ -175,25 +161,6 @@ def _read_cache(manifest_path: Path, index_path: Path, model_key: str, image_siz
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
         log.info("index cache %s is unreadable (%s); rebuilding it", index_path, exc)
         return None
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _write_atomically(path: Path, write) -> None:
-    """Write through a temporary file beside ``path`` and rename, so a reader never sees half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; a cache file should read like any file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def open_index(
@@ -289,7 +256,8 @@ def open_index(
     index = faiss.IndexFlatIP(matrix.shape[1])
     index.add(matrix)
 
-    _write_atomically(index_path, lambda tmp: faiss.write_index(index, tmp))
+    # Atomic writes: a concurrent reader sees the old pair or the new files, never half of one.
+    atomic_write(index_path, lambda tmp: faiss.write_index(index, str(tmp)))
     manifest = {
         "format": MANIFEST_FORMAT,
         "version": MANIFEST_VERSION,
@@ -303,7 +271,7 @@ def open_index(
             {"path": rel, "mtime_ns": current[rel][0], "size": current[rel][1]} for rel in sorted(skipped)
         ],
     }
-    _write_atomically(manifest_path, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=1)))
+    atomic_write(manifest_path, lambda tmp: tmp.write_text(json.dumps(manifest, indent=1)))
     extracted = len(todo) - len(skipped - old_skipped)
     log.info(
         "index: built %s (%d images: extracted %d in %.1f s, reused %d%s)",

@@ -1,0 +1,211 @@
+"""Does the retraining recipe recover mAP? The embedded base at three operating points, three ways.
+
+For each operating point (trial parameters over the fixed values of ``search_spaces/smoke.yaml``: the recipe that
+ships) the base is compressed three times at the same per-layer sparsity and bits, so the three files have the
+same size:
+
+- ``recipe``: the shipped schedule: L1 (proximal) sparsify → prune → retrain → k-means → trained centroids;
+- ``no L1``: the same steps with λ = 0, each layer pruned at the threshold that gives the recipe's sparsity;
+- ``no retraining``: no training step at all (post-training pruning + k-means), same per-layer sparsity.
+
+Each file is written with the codec, decoded into a fresh model and measured on the validation and the test split;
+drops are relative to the dense base on the same split. The operating points are chosen on validation.
+
+    python benchmarks/bench_recipe.py --base DIR [--space smoke.yaml] [--threads 1] [--json out.json]
+
+``--base``: a base folder (``python -m trainables.base --preset embedded --out DIR``); without it the embedded base
+is built into a temporary folder first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import faiss  # before torch: both bring OpenMP (docs/traps.md#faiss-before-torch)
+import torch
+import yaml
+
+from search_spaces.schema import load_search_space
+from trainables.base import MODEL_FILE, build_base, load_base, preset_config
+from trainables.compression.codec import load_compressed, save_compressed
+from trainables.compression.plan import CompressionPlan
+from trainables.compression.prune import prune_layers, sparsity_report
+from trainables.compression.quantize import effective_weight
+from trainables.compression.schedule import quantize_and_finetune, sparsify
+from trainables.contract import resolve_trial_config
+from trainables.data.registry import load_dataset
+from trainables.data.tuples import TripletMiner
+from trainables.retrieval.evaluate import evaluate_dataset
+from trainables.train import make_train_fn
+
+#: The three operating points (about 8x, 12x and 20x smaller than the dense base), as trial parameters over the
+#: space's fixed values.
+ARMS: tuple[str, ...] = ("recipe", "no L1", "no retraining")
+POINTS: dict[str, dict[str, Any]] = {
+    "~8x": {"bits": 4, "threshold_conv": 0.2},
+    "~12x": {"bits": 3, "threshold_conv": 0.4},
+    "~20x": {"bits": 2, "threshold_conv": 0.6},
+}
+
+
+def _matching_thresholds(model: torch.nn.Module, target: dict[str, Any]) -> dict[str, float]:
+    """Per-layer absolute thresholds that prune each layer of ``model`` to the sparsity it has in ``target`` (a
+    `sparsity_report`): the k-th smallest |w|, k = pruned count (ties may prune a few more)."""
+    want = {row["layer"]: row["params"] - row["nonzeros"] for row in target["layers"]}
+    out = {}
+    for name, k in want.items():
+        w = effective_weight(model.get_submodule(name)).detach().abs().reshape(-1)
+        out[name] = float(w.kthvalue(k).values) * (1 + 1e-7) if k > 0 else 0.0
+    return out
+
+
+def _measure(model, plan, meta, work: Path, splits: dict[str, Any], device) -> dict[str, Any]:
+    path = work / "model.vlad.safetensors"
+    report = save_compressed(
+        model, plan, path, meta={"architecture": {"name": "netvlad", "config": model.config_dict()}}
+    )
+    decoded = load_compressed(path).to(device)
+    size = int(meta["config"]["image_size"])
+    maps = {name: evaluate_dataset(decoded, ds, size, device=device)["mAP"] for name, ds in splits.items()}
+    val = sum(maps[s] for s in meta["val_splits"]) / len(meta["val_splits"])
+    test = sum(maps[s] for s in meta["test_splits"]) / len(meta["test_splits"])
+    return {
+        "file_bytes": report.totals["file_bytes"],
+        "sparsity": report.totals["sparsity"],
+        "val_mAP": val,
+        "test_mAP": test,
+        "val_drop": (meta["val_mAP"] - val) / meta["val_mAP"],
+        "test_drop": (meta["test_mAP"] - test) / meta["test_mAP"],
+    }
+
+
+def run_point(
+    base_dir: Path,
+    fixed: dict[str, Any],
+    point: dict[str, Any],
+    splits,
+    miner,
+    device,
+    work: Path,
+    arms: tuple[str, ...] = ARMS,
+):
+    settings = resolve_trial_config({**fixed, **point})
+    plan = CompressionPlan.from_dict(settings["plan"])
+    base, meta = load_base(base_dir, device)
+    cfg = meta["config"]
+    train_fn = make_train_fn(
+        miner,
+        settings["lr"],
+        device=device,
+        progress=False,
+        batch_size=cfg["batch_size"],
+        margin=cfg["margin"],
+    )
+    groups = {g: n for g, n in base.compression_groups().items() if g in plan.groups}
+    results: dict[str, Any] = {}
+    target: dict[str, Any] = {}
+    for arm in arms:
+        arm_plan = plan
+        if arm != "recipe":
+            no_train = {"l1_steps": 0, "retrain_steps": 0, "quant_steps": 0} if arm == "no retraining" else {}
+            arm_plan = CompressionPlan.from_dict({**settings["plan"], "l1_lambda": 0.0, **no_train})
+        torch.manual_seed(0)
+        model = copy.deepcopy(base)
+        t = time.perf_counter()
+        sparsify(model, arm_plan, groups, train_fn)
+        # The prune stage (schedule.prune_and_retrain), with the other arms pruned to the recipe's per-layer
+        # sparsity of each round instead of at the plan's thresholds.
+        for r in range(arm_plan.prune_rounds):
+            if arm == "recipe":
+                prune_layers(model, arm_plan, groups)
+                target[r] = sparsity_report(model, groups)
+            else:
+                prune_layers(model, arm_plan, groups, _matching_thresholds(model, target[r]))
+            if arm_plan.retrain_steps:
+                train_fn(model, arm_plan.retrain_steps, None)
+        quantize_and_finetune(model, arm_plan, groups, train_fn)
+        seconds = time.perf_counter() - t
+        results[arm] = {**_measure(model, arm_plan, meta, work, splits, device), "train_seconds": seconds}
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--base", type=Path, default=None, help="base folder (default: build the embedded base)")
+    p.add_argument("--space", default="smoke.yaml", help="search space whose fixed values are the recipe")
+    p.add_argument("--points", nargs="+", default=list(POINTS), choices=list(POINTS))
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--arms",
+        nargs="+",
+        default=list(ARMS),
+        choices=list(ARMS),
+        help="'recipe' runs first: the others match it",
+    )
+    p.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="NAME=VALUE",
+        help="override fixed values (YAML values), for tuning",
+    )
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    faiss.omp_set_num_threads(args.threads)
+    device = torch.device("cpu")
+    with tempfile.TemporaryDirectory(prefix="bench-recipe-") as tmp:
+        base_dir = args.base
+        if base_dir is None:
+            base_dir = build_base(preset_config("embedded"), Path(tmp) / "base", progress=False)
+        _, meta = load_base(base_dir)
+        cfg = meta["config"]
+        splits = {
+            s: load_dataset(s, cfg["data_root"])
+            for s in dict.fromkeys(meta["val_splits"] + meta["test_splits"])
+        }
+        fixed = dict(load_search_space(args.space).fixed)
+        fixed.update({k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)})
+        base_bytes = (Path(base_dir) / MODEL_FILE).stat().st_size
+        rows = {}
+        for name in args.points:
+            miner = TripletMiner(
+                load_dataset(meta["train_split"], cfg["data_root"]),
+                int(cfg["image_size"]),
+                num_negatives=cfg["num_negatives"],
+                neg_pool_size=cfg["neg_pool_size"],
+                num_positives=cfg["num_positives"],
+                seed=0,
+            )
+            rows[name] = run_point(
+                Path(base_dir), fixed, POINTS[name], splits, miner, device, Path(tmp), tuple(args.arms)
+            )
+            print(name, json.dumps(rows[name]), flush=True)
+    print(
+        f"\nbase: val mAP {meta['val_mAP']:.4f}, test mAP {meta['test_mAP']:.4f}, {base_bytes / 2**20:.3f} MiB"
+    )
+    print(f"recipe (fixed values of {args.space}): " + ", ".join(f"{k}={v}" for k, v in fixed.items()) + "\n")
+    print("| point | params | × smaller | sparsity | arm | val mAP | val drop | test mAP | test drop |")
+    print("|---|---|---:|---:|---|---:|---:|---:|---:|")
+    for name, arms in rows.items():
+        for arm in [a for a in ("no retraining", "no L1", "recipe") if a in arms]:
+            r = arms[arm]
+            params = ", ".join(f"{k}={v}" for k, v in POINTS[name].items())
+            print(
+                f"| {name} | {params} | {base_bytes / r['file_bytes']:.1f} | {r['sparsity']:.1%} | {arm} | "
+                f"{r['val_mAP']:.4f} | {r['val_drop']:.2%} | {r['test_mAP']:.4f} | {r['test_drop']:.2%} |"
+            )
+    if args.json:
+        args.json.write_text(json.dumps({"base_bytes": base_bytes, "meta": meta, "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
