@@ -511,7 +511,9 @@ def _log_parent_views(
         tmp_path = Path(tmp)
         write_pareto_csv(view_rows, tmp_path / csv_name, baselines=baselines)
         plot_pareto_png(view_rows, tmp_path / png_name, base=base, reference=reference, baselines=baselines)
-        write_pareto_html(view_rows, tmp_path / html_name, base=base, reference=reference, baselines=baselines)
+        write_pareto_html(
+            view_rows, tmp_path / html_name, base=base, reference=reference, baselines=baselines
+        )
         for name in PARETO_FILES:
             client.log_artifact(parent_run_id, str(tmp_path / name))
 

@@ -286,7 +286,14 @@ def test_mlflow_ui_shows_child_runs_and_the_parents_pareto_plot(
 
         # 5. The chart view of the same runs (dashboards/README.md: add a scatter of memory_mib vs val_mAP).
         driver.get(links_to["runs"] + "&compareRunsMode=CHART")
-        _wait(driver, lambda d: "compareRunsMode=CHART" in d.current_url, "the chart view")
+        _wait(
+            driver,
+            lambda d: (
+                "compareRunsMode=CHART" in d.current_url
+                and re.search(r"\b[1-9]\d* matching runs", d.find_element(By.TAG_NAME, "body").text)
+            ),
+            "the chart view with its runs loaded",
+        )
         _close_assistant(driver)
         shot("4-chart-view")
 
