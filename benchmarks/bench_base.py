@@ -1,18 +1,18 @@
 """Benchmark of the embedded default's first stage: build the synthetic set, then build the base model.
 
 Measures, on an empty cache folder: the time to write the synthetic landmark set (`ensure_synthetic`) and the
-time to build the default base model (`build_base` with `BaseConfig()`: k-means init, off-the-shelf evaluation,
-triplet fine-tune, whitening, evaluation), and the mAP on the synthetic test split of a random ranking, the
-off-the-shelf model, the fine-tuned model before whitening and the fine-tuned, whitened base.
+time to build a base preset (``--preset``, default ``embedded``: k-means init, off-the-shelf evaluation, triplet
+fine-tune, whitening if the preset has it, evaluation), and the mAP on every validation and test split of the
+zero-byte baselines (random ranking, thumbnails, colour histogram), the off-the-shelf model, the fine-tuned model
+before whitening and the base.
 Wall and CPU seconds are both printed: on a shared machine the wall time mostly measures the neighbours.
 
-    python benchmarks/bench_base.py [--threads 2] [--steps N] [--lr LR] [--image-size S] [--seeds 0 1 2]
+    python benchmarks/bench_base.py [--preset embedded] [--threads 2] [--steps N] [--lr LR] [--image-size S] [--seeds 0 1 2]
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import platform
 import resource
@@ -25,7 +25,7 @@ import faiss  # faiss before torch, both bring OpenMP: docs/traps.md#faiss-befor
 import numpy as np
 import torch
 
-from trainables.base import META_FILE, BaseConfig, build_base
+from trainables.base import META_FILE, PRESETS, build_base, preset_config
 from trainables.data.synthetic import ensure_synthetic
 
 
@@ -38,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument(
         "--threads", type=int, default=1, help="torch + faiss threads (1 is fastest on a shared 2-core VM)"
+    )
+    p.add_argument(
+        "--preset", default="embedded", choices=list(PRESETS), help="base preset (default: embedded)"
     )
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
@@ -68,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         ensure_synthetic(cache)
         set_wall, set_cpu = time.perf_counter() - w0, _cpu_seconds() - c0
         for seed in args.seeds:
-            config = dataclasses.replace(BaseConfig(), data_root=str(cache), seed=seed, **overrides)
+            config = preset_config(args.preset, {**overrides, "data_root": str(cache), "seed": seed})
             w0, c0 = time.perf_counter(), _cpu_seconds()
             out = build_base(config, Path(tmp) / f"base-{seed}", progress=False)
             base_wall, base_cpu = time.perf_counter() - w0, _cpu_seconds() - c0
@@ -90,22 +93,27 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| &nbsp; of which k-means + 3 evaluations + whitening | {s['total'] - s['finetune']:.1f} | |")
     print(f"| **set + base (seed {results[0]['seed']})** | **{set_wall + results[0]['wall']:.1f}** | |")
     print()
-    print("| seed | random | off-the-shelf | fine-tuned, no whitening | fine-tuned + whitening (base) |")
-    print("|---|---|---|---|---|")
+    print(
+        "| seed | split | random | thumbnails | histogram | off-the-shelf | fine-tuned, no whitening | base |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     rows = []
     for r in results:
-        m = r["meta"]["maps"]["synthetic-test"]
-        row = [
-            m["random"],
-            m["off_the_shelf"]["mAP"],
-            m["finetuned_no_whitening"]["mAP"],
-            m["finetuned"]["mAP"],
-        ]
-        rows.append(row)
-        print(f"| {r['seed']} | " + " | ".join(f"{100 * v:.1f}" for v in row) + " |")
+        for split in r["meta"]["val_splits"] + r["meta"]["test_splits"]:
+            m, b = r["meta"]["maps"][split], r["meta"]["baselines"][split]
+            row = [
+                m["random"],
+                b["thumbnails"],
+                b["histogram"],
+                m["off_the_shelf"]["mAP"],
+                m["finetuned_no_whitening"]["mAP"],
+                m["finetuned"]["mAP"],
+            ]
+            rows.append(row)
+            print(f"| {r['seed']} | {split} | " + " | ".join(f"{100 * v:.1f}" for v in row) + " |")
     if len(rows) > 1:
         mean = np.mean(rows, axis=0)
-        print("| mean | " + " | ".join(f"{100 * v:.1f}" for v in mean) + " |")
+        print("| mean | all | " + " | ".join(f"{100 * v:.1f}" for v in mean) + " |")
     if args.json:
         args.json.write_text(
             json.dumps({"set_wall": set_wall, "set_cpu": set_cpu, "bases": results}, indent=1)

@@ -65,11 +65,13 @@ from trainables.base import (  # noqa: E402
 )
 from trainables.contract import (  # noqa: E402
     DROP_KEY,
+    GROUPS,
     MAP_KEY,
     MEMORY_KEY,
     RATIO_KEY,
     TEST_DROP_KEY,
     TEST_MAP_KEY,
+    TRIAL_PARAMS,
     best_zero_byte_baseline,
 )
 from trainables.data.oxford import DatasetError  # noqa: E402
@@ -298,6 +300,7 @@ def validate(args: argparse.Namespace) -> Plan:
     if num_samples < 1:
         raise UsageError(f"--num-samples {num_samples}: must be at least 1")
     base_config, _ = resolve_base(args)
+    check_groups(space, space_path, base_config)
     name = args.name or f"{space_path.stem}-{base_config.dataset}-{base_config.backbone}"
     tracking_uri = tracking.resolve_tracking_uri(args.mlflow_uri)
     # Before the storage probe: a refused start leaves nothing behind in the storage (not even the sweep's folder).
@@ -320,6 +323,27 @@ def validate(args: argparse.Namespace) -> Plan:
         )
     check_datasets(base_config)
     return Plan(args, space, space_path, num_samples, base_config, name, tracking_uri, storage)
+
+
+def check_groups(space: Any, space_path: Path, base_config: Any) -> None:
+    """Every value the space can give ``groups`` names layer groups the base has (a base without whitening has
+    no ``whitening`` group), so no trial fails for it after the base is built."""
+    available = [g for g in GROUPS if g != "whitening" or base_config.whitening_dim is not None]
+    spec = space.params.get("groups")
+    values = (
+        list(spec.choices)
+        if spec is not None
+        else [space.fixed.get("groups", TRIAL_PARAMS["groups"].default)]
+    )
+    for value in values:
+        missing = [g.strip() for g in str(value).split(",") if g.strip() not in available]
+        if missing:
+            raise UsageError(
+                f"{space_path}: groups = {value!r} names {', '.join(missing)}, which the base "
+                f"({base_config.backbone}, whitening_dim={base_config.whitening_dim}) does not have; its groups "
+                f"are {', '.join(available)}. Set groups: {','.join(available)} in the space (fixed or choices), "
+                "or pick a base with whitening (--whitening-dim N)"
+            )
 
 
 def _started_path(storage: sweep_storage.SweepStorage) -> tuple[Any, str]:

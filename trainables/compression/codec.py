@@ -12,10 +12,12 @@ uncompressed model of the same architecture has: ``conv.weight``, not ``parametr
 carries the ``architecture`` ({"name", "config"}) to rebuild the model through the allow-listed registry, the plan,
 the layer groups, the user's meta and one record per state-dict tensor. Loading runs no code from the file.
 
-``load_compressed(path)`` checks the file whole (length, header, format version, every checksum) before it decodes
-anything, rebuilds the architecture with random weights and fills every tensor of its state dict from the file. A
+``load_compressed(path)`` checks the file whole before it allocates or decodes anything from it: length, header,
+format version, the tensor index against the file's length, the architecture (built on the meta device when it
+allows) against every record's shape, every record's sizes and counts against those shapes, and every checksum.
+Then the streams are decoded in parallel threads and every tensor of the state dict is filled from the file. A
 quantized weight decodes to ``codebook[indices] * mask`` in float32 -- the same ops the quantized model runs -- so
-the decoded model computes the same outputs.
+the decoded model computes the same outputs. `verify_file` does the same checks and decoding without a model.
 """
 
 from __future__ import annotations
@@ -265,24 +267,29 @@ _DECODE_ERRORS: tuple[type[BaseException], ...] = (
 
 
 def verify_file(path: str | os.PathLike) -> dict[str, Any]:
-    """Check a compressed file as `load_compressed` does, without building its architecture: the header, every
-    record against the stored tensors, every checksum, and that every tensor decodes. Returns the header; raises
-    `CodecError` naming the fault."""
+    """Check a compressed file as `load_compressed` does -- the header, the architecture's shapes (built on the meta
+    device when it allows, so the shapes bound what is decoded), every record, every checksum -- and decode every
+    tensor, without loading a model. Returns the header; raises `CodecError` naming the fault."""
     path = Path(path)
     header, index, _, _ = read_header(path)
-    _check_file(path, header, index, None)
-    header, loaded = read_tensors(path)
+    model, _ = _build(path, header)
+    _check_file(path, header, index, {k: tuple(v.shape) for k, v in model.state_dict().items()})
+    del model
+    loaded = _read_checked(path, header)
     _decode_all(path, header, loaded)
     return header
 
 
-def load_compressed(path: str | os.PathLike) -> nn.Module:
-    """Rebuild the model stored by `save_compressed`. Every size, count and offset of the header is checked against
-    the architecture's shapes and the file's length, and every checksum verified, before anything is decoded; then
-    every state-dict tensor is filled from the file. The module gets ``compression_meta`` = the header dict (format,
-    architecture, plan, groups, meta, per-tensor records)."""
-    path = Path(path)
-    header, index, _, _ = read_header(path)
+def _read_checked(path: Path, header: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Every tensor, checksums verified (`read_tensors`), from a file whose header is still the one checked."""
+    again, loaded = read_tensors(path)
+    if again != header:
+        raise CodecError(f"{path}: the file changed while it was read")
+    return loaded
+
+
+def _build(path: Path, header: dict[str, Any]) -> tuple[nn.Module, bool]:
+    """The header's architecture through the registry (`build_for_loading`), errors named with the file."""
     arch = header.get("architecture")
     if (
         not isinstance(arch, dict)
@@ -293,7 +300,7 @@ def load_compressed(path: str | os.PathLike) -> nn.Module:
             f"{path}: the header's architecture {arch!r} is not {{'name': ..., 'config': {{...}}}}"
         )
     try:
-        model, on_meta = build_for_loading(arch["name"], arch.get("config", {}))
+        return build_for_loading(arch["name"], arch.get("config", {}))
     except CodecError as e:
         raise CodecError(f"{path}: {e}") from e
     except Exception as e:
@@ -301,9 +308,20 @@ def load_compressed(path: str | os.PathLike) -> nn.Module:
             f"{path}: the builder of architecture {arch['name']!r} failed on config {arch.get('config')!r} "
             f"({type(e).__name__}: {e})"
         ) from e
+
+
+def load_compressed(path: str | os.PathLike) -> nn.Module:
+    """Rebuild the model stored by `save_compressed`. Every size, count and offset of the header is checked against
+    the architecture's shapes and the file's length, and every checksum verified, before anything is decoded; then
+    every state-dict tensor is filled from the file. The module gets ``compression_meta`` = the header dict (format,
+    architecture, plan, groups, meta, per-tensor records)."""
+    path = Path(path)
+    header, index, _, _ = read_header(path)
+    model, on_meta = _build(path, header)
+    arch = header["architecture"]
     expected = model.state_dict()
     _check_file(path, header, index, {k: tuple(v.shape) for k, v in expected.items()})
-    header, loaded = read_tensors(path)
+    loaded = _read_checked(path, header)
     state = _decode_all(path, header, loaded)
     for key, t in state.items():
         if tuple(t.shape) != tuple(expected[key].shape):

@@ -225,7 +225,10 @@ def read_tensors(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, tor
     try:
         with safe_open(str(path), framework="pt") as f:
             for name in index:
-                t = f.get_tensor(name)
+                # A copy: safetensors hands out views of its mmap of the file, so a file rewritten in place later
+                # would change (or, truncated, crash) the loaded model, and the bytes decoded could differ from
+                # the bytes whose checksum was verified.
+                t = f.get_tensor(name).clone()
                 if _tensor_checksum(name, t) != sums[name]:
                     raise CodecError(
                         f"{path}: checksum mismatch in tensor {name!r}: the file is damaged or altered"

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -256,7 +257,7 @@ def _rowbitmap_layout(m: np.ndarray, shape: tuple[int, ...], fixed_bytes: int) -
 
 
 def _choose(
-    layouts: list[_Layout | None], n: int, force: str | None = None
+    layouts: list[_Layout | None], n: int, force: str | None = None, allowed: tuple[str, ...] | None = None
 ) -> tuple[_Layout, dict[str, EncodedStream]]:
     """The layout with the fewest bytes: measured by encoding each one for small tensors, estimated from symbol
     counts for large ones (then only the winner is encoded). Earlier layouts win ties. ``force`` names the layout
@@ -267,7 +268,7 @@ def _choose(
         layouts = [lay for lay in layouts if lay is not None and lay.name == force]
         if not layouts:
             raise ValueError(f"layout {force!r} does not apply to a tensor of this shape")
-    layouts = [lay for lay in layouts if lay is not None]
+    layouts = [lay for lay in layouts if lay is not None and (allowed is None or lay.name in allowed)]
     cache: dict[tuple[str, int], EncodedStream] = {}
 
     def encode(layout: _Layout) -> dict[str, EncodedStream]:
@@ -304,9 +305,11 @@ def encode_quantized(
     mode: str,
     *,
     layout: str | None = None,
+    allowed: tuple[str, ...] | None = None,
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Encode one quantized weight (``codebook[indices] * mask``): its header record and its payload arrays (stream
-    name -> uint8 bytes, plus ``codebook`` float32). ``layout`` forces one of `LAYOUTS` (default: the smallest)."""
+    name -> uint8 bytes, plus ``codebook`` float32). ``layout`` forces one of `LAYOUTS` (default: the smallest);
+    ``allowed`` limits the choice to some of them (benchmarks: the format-1 layouts)."""
     k = 1 << bits
     if codebook.numel() != k:
         raise CodecError(f"codebook has {codebook.numel()} values, expected 2**bits = {k}")
@@ -331,7 +334,7 @@ def encode_quantized(
     for lay in (bitmap, gaps, rowbitmap):
         if lay is not None:
             lay.streams["indices"] = index_stream
-    chosen, enc = _choose([dense, bitmap, gaps, rowbitmap], n, layout)
+    chosen, enc = _choose([dense, bitmap, gaps, rowbitmap], n, layout, allowed)
 
     record = {
         "kind": "quantized",
@@ -351,10 +354,14 @@ def encode_quantized(
 
 
 def encode_pruned(
-    weight: torch.Tensor, mask: torch.Tensor, *, layout: str | None = None
+    weight: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    layout: str | None = None,
+    allowed: tuple[str, ...] | None = None,
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Encode one pruned, not quantized weight: kept values in the weight's dtype + positions, or dense if smaller.
-    ``layout`` forces one of `LAYOUTS` (default: the smallest)."""
+    ``layout`` forces one of `LAYOUTS` (default: the smallest); ``allowed`` limits the choice to some of them."""
     dtype_name = str(weight.dtype).removeprefix("torch.")
     if dtype_name not in FLOAT_DTYPES:
         raise CodecError(f"pruned weight has dtype {weight.dtype}; supported: {', '.join(FLOAT_DTYPES)}")
@@ -369,7 +376,7 @@ def encode_pruned(
     bitmap, gaps = _position_layouts(m, nnz, fixed_bytes=nnz * itemsize)
     rowbitmap = _rowbitmap_layout(m, tuple(weight.shape), fixed_bytes=nnz * itemsize)
     # Deciding between these needs no trial encoding of the values: their size is fixed.
-    chosen, enc = _choose([bitmap, gaps, rowbitmap, dense], n, layout)
+    chosen, enc = _choose([bitmap, gaps, rowbitmap, dense], n, layout, allowed)
     values = wbytes if chosen.name == "dense" else wbytes[m]
     record = {
         "kind": "pruned",
@@ -430,7 +437,8 @@ def check_record(record: Any, shape: tuple[int, ...], stored: Mapping[str, tuple
             want[f"positions.{c}"] = ((0, (rows * row_len + 7) // 8), 256)
         # Each class's bytes follow from its row count (checked when decoded); all together they are at most one
         # byte per 8 weights plus one per class, so no set of records makes the decode allocate more.
-        total = sum(int(streams.get(f"positions.{c}", {}).get("n", 0) or 0) for c in range(classes))
+        claimed = [streams.get(f"positions.{c}") for c in range(classes)]
+        total = sum(r["n"] for r in claimed if isinstance(r, dict) and isinstance(r.get("n"), int))
         if total > (rows * row_len) // 8 + classes:
             raise CodecError(f"rowbitmap streams claim {total} bytes for {rows * row_len} weights")
     elif layout in ("bitmap", "gaps"):
@@ -502,6 +510,31 @@ def _decode_mask(record: dict[str, Any], sym: np.ndarray, n: int) -> np.ndarray:
     return where
 
 
+#: Tensors this large are assembled in blocks on two threads (numpy's fill and masked store release the GIL).
+_PARALLEL_FILL = 1 << 23
+
+
+def _fill_masked(mask: np.ndarray, nz: np.ndarray, codebook: np.ndarray, zero: np.float32) -> np.ndarray:
+    """float32 ``codebook[nz]`` where ``mask`` is True (in order), ``zero`` elsewhere."""
+    n = len(mask)
+    out = np.empty(n, np.float32)
+    blocks = list(chunks(n))
+    offsets = np.concatenate([[0], np.cumsum([np.count_nonzero(mask[b]) for b in blocks])])
+
+    def fill(i: int) -> None:
+        part, keep = out[blocks[i]], mask[blocks[i]]
+        part.fill(zero)
+        part[keep] = codebook[nz[offsets[i] : offsets[i + 1]]]
+
+    if n < _PARALLEL_FILL:
+        for i in range(len(blocks)):
+            fill(i)
+    else:
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            list(pool.map(fill, range(len(blocks))))
+    return out
+
+
 def _rowbitmap_mask(record: dict[str, Any], stream: Callable[[str], np.ndarray], n: int) -> np.ndarray:
     """The keep-mask (bool, n) of a ``rowbitmap`` layout from its ``rows`` and ``positions.<class>`` streams."""
     rows, row_len = _row_split(tuple(int(s) for s in record["shape"]))  # type: ignore[misc]
@@ -566,6 +599,8 @@ def decode_tensor(
         )
         if len(nz) != int(record["nonzeros"]):
             raise StreamError(f"{len(nz)} indices for {record['nonzeros']} kept weights")
+        if where.dtype == np.bool_:
+            return torch.from_numpy(_fill_masked(where, nz, codebook, zero[0])).reshape(shape)
         out = np.full(n, zero[0], np.float32)
         out[where] = codebook[nz]
         return torch.from_numpy(out).reshape(shape)
