@@ -2,6 +2,7 @@
 
     python -m sweep.release --mlflow-uri URI --experiment NAME [--parent-run-id ID]
         [--list | --max-map-drop X | --max-memory-mib M | --run-id ID] [--name MODEL] [--alias release] [--force]
+        [--sign KEYFILE]
 
 The sweep is read back from MLflow in the layout `sweep.tracking` writes: the parent run (tag
 ``vladsweep.role = sweep``; the latest one of the experiment unless ``--parent-run-id``; metrics: the base's mAP on
@@ -25,6 +26,12 @@ The chosen ``model/`` folder is downloaded and decoded once (a damaged file is n
 a version of the registered model ``--name`` with the trial's metrics and config as tags, and ``--alias`` is pointed
 at it. The last line printed is the ``models:/NAME@ALIAS`` URI that ``python -m trainables.serving --model``
 serves. Without a pick the front is printed as a table.
+
+The version records the file's sha256 (tag ``artifact_sha256``), which serving checks before it decodes the file.
+``--sign KEYFILE`` (an ed25519 PEM private key the user keeps, docs/release.md) also writes a detached signature
+over that sha256 as ``model/model.vlad.safetensors.sig`` in the trial's run, beside the file: the registry download
+brings it along, and whoever copies the file out of MLflow copies it too. ``python -m trainables.serving
+--verify-key PUBFILE`` refuses a file without a valid one.
 """
 
 from __future__ import annotations
@@ -74,6 +81,15 @@ from trainables.contract import (
     baseline_metric,
 )
 from trainables.fileio import file_sha256
+from trainables.serving.trust import (
+    ARTIFACT_SHA256_TAG,
+    SIGNED_BY_TAG,
+    TrustError,
+    key_fingerprint,
+    load_private_key,
+    sign_sha256,
+    signature_path,
+)
 
 __all__ = [
     "DEFAULT_ALIAS",
@@ -558,20 +574,53 @@ def _tag(value: Any) -> str:
     return str(value)[:5000]  # MLflow's limit on a tag value
 
 
+def _write_signature(client, trial: Trial, key, sha: str, work: Path) -> str:
+    """Log the detached signature of the file (sha256 ``sha``) beside it in the trial's ``model/`` folder, the
+    version's source; returns its artifact path."""
+    sig = signature_path(work / "signature" / ARTIFACT_FILE)
+    sig.parent.mkdir()
+    sig.write_bytes(sign_sha256(key, sha))
+    client.log_artifact(trial.run_id, str(sig), artifact_path=ARTIFACT_DIR)
+    return f"{ARTIFACT_DIR}/{sig.name}"
+
+
 def register(
     sweep: Sweep,
     trial: Trial,
     name: str = DEFAULT_MODEL_NAME,
     alias: str = DEFAULT_ALIAS,
     forced: bool = False,
+    sign: str | os.PathLike | None = None,
 ):
     """Register ``trial``'s ``model/`` folder as a version of ``name`` (reusing the version when this run is already
-    registered there), point ``alias`` at it, and return the ``ModelVersion``."""
+    registered there), point ``alias`` at it, and return the ``ModelVersion``. With ``sign`` (an ed25519 PEM
+    private key file), also write the file's detached signature beside it (`trainables.serving.trust`)."""
+    # The key first: a bad one fails before anything is downloaded or written.
+    try:
+        key = load_private_key(sign) if sign is not None else None
+    except TrustError as exc:
+        raise ReleaseError(f"--sign: {exc}") from exc
     client = open_client(sweep.tracking_uri)
     below = below_baseline(sweep, trial)
     source = f"{trial.artifact_uri.rstrip('/')}/{ARTIFACT_DIR}"
     with tempfile.TemporaryDirectory(prefix="vladsweep-release-") as work:
         _, sha, meta = _fetch_and_check(client, trial, Path(work))
+        existing = [
+            mv
+            for mv in client.search_model_versions(f"name = '{name}' and run_id = '{trial.run_id}'")
+            if mv.source == source
+        ]
+        latest = max(existing, key=lambda mv: int(mv.version)) if existing else None
+        recorded = latest.tags.get(ARTIFACT_SHA256_TAG) if latest else None
+        if recorded and recorded != sha:
+            # Moving an alias to (or signing) a version must not bless a file that changed since it was registered.
+            raise ReleaseError(
+                f"{trial.summary()}: its file now has sha256 {sha}, but version {latest.version} of {name!r} "
+                f"recorded {recorded}: the file changed after its release; refusing to release it again"
+            )
+        signed = _write_signature(client, trial, key, sha, Path(work)) if key is not None else None
+    if signed:
+        print(f"signed: {signed} ({key_fingerprint(key)}, over sha256 {sha})")
     try:
         client.get_registered_model(name)
     except MlflowException:
@@ -581,14 +630,11 @@ def register(
             )
         except MlflowException:  # created by a concurrent release in between: fine
             client.get_registered_model(name)
-    existing = [
-        mv
-        for mv in client.search_model_versions(f"name = '{name}' and run_id = '{trial.run_id}'")
-        if mv.source == source
-    ]
-    if existing:
-        version = max(existing, key=lambda mv: int(mv.version))
+    if latest is not None:
+        version = latest
         print(f"run {trial.run_id} is already version {version.version} of {name!r}; moving the alias only")
+        if key is not None:
+            client.set_model_version_tag(name, version.version, SIGNED_BY_TAG, key_fingerprint(key))
     else:
         base = meta.get("base", {}) if isinstance(meta.get("base"), dict) else {}
         tags = {
@@ -597,7 +643,7 @@ def register(
             "sweep_parent_run_id": sweep.parent_run_id,
             "experiment": sweep.experiment_name,
             "artifact": ARTIFACT_PATH,
-            "artifact_sha256": sha,
+            ARTIFACT_SHA256_TAG: sha,
             PARETO_TAG: "true" if trial.pareto else "false",
             "below_zero_byte_baseline": "true" if below else "false",
             "forced": "true" if forced and (below or not trial.pareto) else "false",
@@ -609,6 +655,8 @@ def register(
             tags[BASE_MAP_METRIC] = repr(float(sweep.base_map))
         if sweep.base_test_map is not None:
             tags[BASE_TEST_MAP_METRIC] = repr(float(sweep.base_test_map))
+        if key is not None:
+            tags[SIGNED_BY_TAG] = key_fingerprint(key)
         if sweep.best_baseline:
             tags["best_zero_byte_baseline"] = f"{sweep.best_baseline[0]}={sweep.best_baseline[1]!r}"
         version = client.create_model_version(
@@ -652,6 +700,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="release a --run-id that is not on the front, or a trial below the best zero-byte baseline",
     )
+    p.add_argument(
+        "--sign",
+        metavar="KEYFILE",
+        default=None,
+        help="ed25519 PEM private key: write the file's detached signature beside it (model/…safetensors.sig) "
+        "for `python -m trainables.serving --verify-key` (docs/release.md)",
+    )
     return p
 
 
@@ -678,7 +733,7 @@ def main(argv: list[str] | None = None) -> int:
             print("\npick one: --max-map-drop 2% | --max-memory-mib M | --run-id RUN_ID")
             return 0
         check_baseline(sweep, trial, force=args.force)
-        version = register(sweep, trial, args.name, args.alias, forced=args.force)
+        version = register(sweep, trial, args.name, args.alias, forced=args.force, sign=args.sign)
     except ReleaseError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -109,25 +110,35 @@ def chromium(shots_dir: Path):
 def _wait(driver, condition: Callable, what: str | Callable[[], str], timeout: float = UI_WAIT_S):
     """``condition(driver)`` once truthy; else an AssertionError saying what did not show (``what()`` is read
     then, so it can describe the page as it was at the end)."""
-    from selenium.common.exceptions import TimeoutException
+    from selenium.common.exceptions import StaleElementReferenceException, TimeoutException
     from selenium.webdriver.support.ui import WebDriverWait
 
+    # The run table re-renders while it loads: an element read in one poll can be gone in the next; poll again.
+    wait = WebDriverWait(
+        driver, timeout, poll_frequency=0.25, ignored_exceptions=(StaleElementReferenceException,)
+    )
     try:
-        return WebDriverWait(driver, timeout, poll_frequency=0.25).until(condition)
+        return wait.until(condition)
     except TimeoutException as exc:
         text = what() if callable(what) else what
         raise AssertionError(f"the MLflow UI did not show {text} within {timeout:.0f} s") from exc
 
 
 def _run_links(driver) -> dict[str, str]:
-    """Run id → run name of every run link in the run table."""
+    """Run id → run name of every run link in the run table (read again if the table re-rendered meanwhile)."""
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
 
-    links = {}
-    for a in driver.find_elements(By.CSS_SELECTOR, 'div[role="gridcell"] a[href*="/runs/"]'):
-        href = a.get_attribute("href") or ""
-        links[href.rstrip("/").rsplit("/", 1)[-1]] = (a.get_attribute("textContent") or "").strip()
-    return links
+    for _ in range(20):
+        try:
+            links = {}
+            for a in driver.find_elements(By.CSS_SELECTOR, 'div[role="gridcell"] a[href*="/runs/"]'):
+                href = a.get_attribute("href") or ""
+                links[href.rstrip("/").rsplit("/", 1)[-1]] = (a.get_attribute("textContent") or "").strip()
+            return links
+        except StaleElementReferenceException:
+            time.sleep(0.25)
+    return {}
 
 
 def _close_assistant(driver) -> None:

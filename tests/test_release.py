@@ -488,3 +488,122 @@ def test_released_model_serves_the_mAP_its_trial_logged(store, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "version 1, run " + runs["c1"] in proc.stderr
     assert json.loads(proc.stdout)["mAP"] == logged
+
+
+# --- Trust: serving checks the released sha256; --sign / --verify-key -----------------------------------------------
+
+
+def _keys(folder: Path, name: str) -> tuple[Path, Path]:
+    """A fresh ed25519 key pair as PEM files in the test's folder (keys are never in the repository)."""
+    from cryptography.hazmat.primitives import serialization as ser
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    key = Ed25519PrivateKey.generate()
+    private, public = folder / f"{name}.pem", folder / f"{name}.pub.pem"
+    private.write_bytes(key.private_bytes(ser.Encoding.PEM, ser.PrivateFormat.PKCS8, ser.NoEncryption()))
+    public.write_bytes(key.public_key().public_bytes(ser.Encoding.PEM, ser.PublicFormat.SubjectPublicKeyInfo))
+    return private, public
+
+
+def _one_trial_sweep(store: Store, tmp_path: Path, experiment: str) -> tuple[str, Path]:
+    """A sweep of one front member in its own experiment of the module's store; (run id, its logged file)."""
+    exp = store.client.create_experiment(experiment, artifact_location=str(tmp_path / "artifacts"))
+    _, runs, _ = log_sweep(
+        store.client, exp, experiment, 1, [{"id": "r1", "mAP": 0.5, "pareto": True}], 0.6, tmp_path / "w"
+    )
+    run = store.client.get_run(runs["r1"])
+    return runs["r1"], Path(run.info.artifact_uri.removeprefix("file://")) / "model" / ARTIFACT_FILE
+
+
+def _serve(store: Store, model: str, capsys, *extra: str) -> tuple[int, str]:
+    """The search CLI in this process, stopped right after the trust checks would pass (an empty database)."""
+    from trainables.serving import cli as serving
+
+    empty = store.root / "no-images"
+    empty.mkdir(exist_ok=True)
+    code = serving.main(["--model", model, "--mlflow-uri", store.uri, "--database", str(empty), *extra])
+    return code, capsys.readouterr().err
+
+
+def test_serving_refuses_a_registry_file_that_is_not_the_released_one(store, tmp_path, capsys):
+    from trainables.serving.cli import resolve_model
+
+    run_id, logged = _one_trial_sweep(store, tmp_path, "swapped")
+    name = "swapped-netvlad"
+    code, _, err = run_main(["--mlflow-uri", store.uri, "--experiment", "swapped", "--name", name,
+                             "--max-map-drop", "100%"], capsys)  # fmt: skip
+    assert code == 0, err
+    released = _sha256(logged)
+    assert _version(store, name).tags["artifact_sha256"] == released
+    for uri in (f"models:/{name}@release", f"models:/{name}/1"):
+        path, label = resolve_model(uri, store.uri, tmp_path / uri.replace("/", "_").replace(":", "_"))
+        assert _sha256(path) == released and "version 1" in label
+
+    # Replace the logged file with another valid artifact (its own checksums all correct): only the release's
+    # sha256 tells. Both URI forms are refused, naming both hashes and the version, before anything decodes it.
+    tiny_artifact(logged, bits=2, sparsity=0.7, seed=9)
+    swapped = _sha256(logged)
+    for uri in (f"models:/{name}@release", f"models:/{name}/1"):
+        code, err = _serve(store, uri, capsys)
+        assert code == 2 and err.startswith("error: "), err
+        assert released in err and swapped in err and "version 1" in err and name in err
+        assert "checksum" not in err, "refused on the release record, not by the decoder"
+    # Nor does a new release of the changed file move the alias: the version recorded another file.
+    code, _, err = run_main(["--mlflow-uri", store.uri, "--experiment", "swapped", "--name", name,
+                             "--run-id", run_id, "--alias", "again"], capsys)  # fmt: skip
+    assert code == 2 and released in err and swapped in err and "changed after its release" in err
+
+    # A version without a record (registered by hand, not by the release) is refused too.
+    store.client.delete_model_version_tag(name, "1", "artifact_sha256")
+    code, err = _serve(store, f"models:/{name}@release", capsys)
+    assert code == 2 and "has no artifact_sha256 tag" in err and swapped in err and "version 1" in err
+    # A stage or 'latest' cannot name one version to check: refused with the forms that can.
+    code, err = _serve(store, f"models:/{name}/latest", capsys)
+    assert code == 2 and "models:/NAME@ALIAS or models:/NAME/VERSION" in err
+
+
+def test_signed_release_verifies_in_and_out_of_mlflow(store, tmp_path, capsys):
+    from trainables.serving.cli import resolve_model
+    from trainables.serving.trust import key_fingerprint, load_public_key
+
+    private, public = _keys(tmp_path, "release-key")
+    _, stranger = _keys(tmp_path, "stranger")
+    run_id, logged = _one_trial_sweep(store, tmp_path, "signed")
+    base = ["--mlflow-uri", store.uri, "--experiment", "signed", "--name", "signed-netvlad"]
+
+    code, _, err = run_main([*base, "--max-map-drop", "100%", "--sign", str(tmp_path / "none.pem")], capsys)
+    assert code == 2 and "--sign" in err and "cannot read" in err
+    with pytest.raises(mlflow.exceptions.MlflowException):
+        store.client.get_registered_model("signed-netvlad")
+    uri = "models:/signed-netvlad@release"
+    code, _, err = run_main([*base, "--max-map-drop", "100%", "--alias", "unsigned"], capsys)
+    assert code == 0, err
+    code, err = _serve(store, "models:/signed-netvlad@unsigned", capsys, "--verify-key", str(public))
+    assert code == 2 and "unsigned" in err and f"{ARTIFACT_FILE}.sig" in err
+
+    code, out, err = run_main([*base, "--max-map-drop", "100%", "--sign", str(private)], capsys)
+    assert code == 0, err
+    fingerprint = key_fingerprint(load_public_key(public))
+    assert f"signed: model/{ARTIFACT_FILE}.sig ({fingerprint}" in out and out.strip().endswith(uri)
+    assert _version(store, "signed-netvlad").tags["artifact_signed_by"] == fingerprint
+    sig = logged.with_name(ARTIFACT_FILE + ".sig")
+    assert sig.is_file() and len(sig.read_bytes()) == 64, "the signature lies beside the file in the run"
+
+    # The registry download brings the signature along: the right key passes (an empty database then stops the
+    # command after the model loaded), another key is refused naming the fault and the key.
+    code, err = _serve(store, uri, capsys, "--verify-key", str(public))
+    assert code == 2 and "no images under" in err, err
+    code, err = _serve(store, uri, capsys, "--verify-key", str(stranger))
+    assert code == 2 and "wrongly signed" in err and str(stranger) in err
+
+    # Outside MLflow: the file and FILE.sig copied together serve as a plain file with the key.
+    path, _ = resolve_model(uri, store.uri, tmp_path / "download")
+    export = tmp_path / "export"
+    export.mkdir()
+    for f in (path, path.with_name(path.name + ".sig")):
+        (export / f.name).write_bytes(f.read_bytes())
+    code, err = _serve(store, str(export / ARTIFACT_FILE), capsys, "--verify-key", str(public))
+    assert code == 2 and "no images under" in err, err
+    (export / f"{ARTIFACT_FILE}.sig").unlink()
+    code, err = _serve(store, str(export / ARTIFACT_FILE), capsys, "--verify-key", str(public))
+    assert code == 2 and "unsigned" in err

@@ -2,7 +2,9 @@
 
 Covers the top-k output, the index cache (built once, reused, updated for new files, per model, and its fallback
 when the database folder cannot hold it), a tampered artifact refused with the codec's error, and ``--evaluate``
-returning exactly `evaluate_dataset`'s mAP (the number a sweep's trial logs). The CLI runs as a subprocess where
+returning exactly `evaluate_dataset`'s mAP (the number a sweep's trial logs), and the trust checks of a plain file
+(``--sha256``, ``--verify-key`` with keys made in the test's folder, and the openssl one-liners of docs/release.md).
+The CLI runs as a subprocess where
 the process boundary matters (output, exit status, caching across runs); the rest calls `main()` in this process.
 """
 
@@ -26,6 +28,7 @@ from trainables.data.synthetic import ensure_synthetic
 from trainables.fileio import file_sha256
 from trainables.retrieval.evaluate import evaluate_dataset
 from trainables.serving import cli as serving
+from trainables.serving import trust
 from trainables.serving.index import CACHE_DIRNAME, list_images
 
 REPO = Path(__file__).resolve().parents[1]
@@ -197,3 +200,122 @@ def test_bad_inputs_exit_2_with_the_reason(artifact, database, tmp_path, capsys)
     ):
         with pytest.raises(SystemExit):
             serving.main(["--model", str(artifact), *map(str, args)])
+
+
+# --- Trust: a plain file checked with --sha256, and ed25519 signatures (--verify-key) -------------------------------
+
+
+def make_keys(folder: Path, name: str = "release-key") -> tuple[Path, Path]:
+    """A fresh ed25519 key pair as PEM files (private PKCS#8, public SubjectPublicKeyInfo), as docs/release.md
+    makes them with Python."""
+    from cryptography.hazmat.primitives import serialization as ser
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    key = Ed25519PrivateKey.generate()
+    private, public = folder / f"{name}.pem", folder / f"{name}.pub.pem"
+    private.write_bytes(key.private_bytes(ser.Encoding.PEM, ser.PrivateFormat.PKCS8, ser.NoEncryption()))
+    public.write_bytes(key.public_key().public_bytes(ser.Encoding.PEM, ser.PublicFormat.SubjectPublicKeyInfo))
+    return private, public
+
+
+def sign_file(path: Path, private: Path) -> Path:
+    """Write ``path``'s detached signature, exactly as ``sweep.release --sign`` does."""
+    sig = trust.signature_path(path)
+    sig.write_bytes(trust.sign_sha256(trust.load_private_key(private), file_sha256(path)))
+    return sig
+
+
+def test_sha256_flag_refuses_another_file_before_decoding_it(artifact, database, tmp_path, capsys, caplog):
+    # Another valid artifact (its own checksums all correct): only the sha256 can tell it is not the released one.
+    other = tmp_path / "other.vlad.safetensors"
+    tiny_artifact(other, bits=2, sparsity=0.7, seed=3)
+    want, got = file_sha256(artifact), file_sha256(other)
+    assert serving.main(["--model", str(other), "--sha256", want, "--database", str(database), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith("error: ") and str(other) in err and want in err and got in err and "--sha256" in err
+    )
+    assert not (database / CACHE_DIRNAME).exists(), "nothing ran on the refused file"
+
+    # The right hash (any case) serves, and says what was checked.
+    caplog.set_level(logging.INFO, logger=serving.__name__)
+    assert (
+        serving.main(["--model", str(artifact), "--sha256", want.upper(), "--database", str(database)]) == 0
+    )
+    assert "trusted: sha256 matches --sha256" in caplog.text
+    with pytest.raises(SystemExit):  # not a sha256 at all: a usage error
+        serving.main(["--model", str(artifact), "--sha256", "abc", "--database", str(database)])
+    assert "not a sha256 (64 hex digits)" in capsys.readouterr().err
+
+
+def test_verify_key_refuses_unsigned_and_wrongly_signed_files(artifact, database, tmp_path, capsys, caplog):
+    private, public = make_keys(tmp_path)
+    _, other_public = make_keys(tmp_path, "someone-else")
+    model = tmp_path / "travel" / ARTIFACT_FILE
+    model.parent.mkdir()
+    shutil.copy(artifact, model)
+
+    def refused(*extra: str) -> str:
+        args = ["--model", str(model), "--database", str(database), "-q", *extra]
+        assert serving.main(args) == 2
+        return capsys.readouterr().err
+
+    err = refused("--verify-key", str(public))
+    assert "unsigned" in err and f"{ARTIFACT_FILE}.sig" in err and str(model) in err
+
+    sig = sign_file(model, private)
+    assert sig == model.with_name(ARTIFACT_FILE + ".sig") and len(sig.read_bytes()) == 64
+    err = refused("--verify-key", str(other_public))
+    assert "wrongly signed" in err and str(other_public) in err
+    assert trust.key_fingerprint(trust.load_public_key(other_public)) in err
+    assert "private key" in refused("--verify-key", str(private)), "the private half is named as the mistake"
+    assert "cannot read" in refused("--verify-key", str(tmp_path / "missing.pem"))
+
+    # The signature travels with the file: it verifies, and the log names the key.
+    caplog.set_level(logging.INFO, logger=serving.__name__)
+    assert (
+        serving.main(["--model", str(model), "--verify-key", str(public), "--database", str(database)]) == 0
+    )
+    fingerprint = trust.key_fingerprint(trust.load_public_key(public))
+    assert f"signature {sig.name} by {fingerprint}" in caplog.text
+
+    # A file swapped under a kept signature (a valid artifact, checksums and all) is wrongly signed; so is a
+    # truncated signature.
+    tiny_artifact(model, bits=2, sparsity=0.7, seed=4)
+    assert "wrongly signed" in refused("--verify-key", str(public))
+    sign_file(model, private)
+    sig.write_bytes(sig.read_bytes()[:40])
+    assert "not an ed25519 signature" in refused("--verify-key", str(public))
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="the openssl command line is not installed")
+def test_openssl_keys_and_signatures_interoperate(artifact, tmp_path):
+    """The openssl one-liners of docs/release.md make keys the release and serving read, and openssl verifies
+    the signature the release writes."""
+    private, public = tmp_path / "release-key.pem", tmp_path / "release-key.pub.pem"
+    subprocess.run(["openssl", "genpkey", "-algorithm", "ed25519", "-out", private], check=True)
+    subprocess.run(["openssl", "pkey", "-in", private, "-pubout", "-out", public], check=True)
+    model = tmp_path / ARTIFACT_FILE
+    shutil.copy(artifact, model)
+    sig = sign_file(model, private)
+    trust.verify_signature(model, file_sha256(model), trust.load_public_key(public), str(public))
+    digest = tmp_path / "digest.bin"
+    subprocess.run(["openssl", "dgst", "-sha256", "-binary", "-out", digest, model], check=True)
+    ok = subprocess.run(
+        [
+            "openssl",
+            "pkeyutl",
+            "-verify",
+            "-pubin",
+            "-inkey",
+            public,
+            "-rawin",
+            "-in",
+            digest,
+            "-sigfile",
+            sig,
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert ok.returncode == 0 and "Signature Verified Successfully" in ok.stdout, ok.stdout + ok.stderr

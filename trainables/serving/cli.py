@@ -5,6 +5,10 @@
 :mod:`trainables.serving.index`) and prints the ``K`` most similar with their cosine scores. ``--evaluate DATASET``
 instead reports the model's mAP on a benchmark with exactly the protocol the sweep's trials use
 (`trainables.retrieval.evaluate.evaluate_dataset` at the artifact's image size), so it equals the trial's mAP.
+
+Nothing is decoded before it is trusted (`trainables.serving.trust`, docs/release.md): a registry model's sha256 must
+equal the one `sweep.release` recorded on its version, a plain file's the one given with ``--sha256``, and with
+``--verify-key PUB`` the file must carry a valid ed25519 signature (``FILE.sig`` beside it).
 """
 
 from __future__ import annotations
@@ -20,6 +24,15 @@ from pathlib import Path
 
 from trainables.contract import ARTIFACT_FILE
 from trainables.fileio import file_sha256
+from trainables.serving.trust import (
+    ARTIFACT_SHA256_TAG,
+    TrustError,
+    check_sha256,
+    key_fingerprint,
+    load_public_key,
+    parse_sha256,
+    verify_signature,
+)
 
 __all__ = ["ModelSpecError", "build_parser", "main", "resolve_model"]
 
@@ -46,7 +59,11 @@ def _artifact_in(folder: Path, spec: str) -> Path:
 
 def resolve_model(spec: str, tracking_uri: str | None, workdir: str | os.PathLike) -> tuple[Path, str]:
     """``(local artifact file, how it was found)`` for ``--model``: a file, a folder holding one, or an MLflow
-    URI (``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, ``runs:/RUN/model``) downloaded into ``workdir``."""
+    URI (``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, ``runs:/RUN/model``) downloaded into ``workdir``.
+
+    A registered version's file must have the sha256 recorded on the version (tag `ARTIFACT_SHA256_TAG`, written by
+    ``sweep.release``): a mismatch or a missing record raises `TrustError`, naming both hashes and the version,
+    before anything reads the file further. A ``runs:/`` URI is not a release: it has no record to check."""
     if not re.match(r"^[a-z][a-z0-9+.-]*:/", spec):
         path = Path(spec)
         if path.is_dir():
@@ -80,16 +97,38 @@ def resolve_model(spec: str, tracking_uri: str | None, workdir: str | os.PathLik
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    label = spec
+    label, mv, download = spec, None, spec
     try:
         alias = re.fullmatch(r"models:/([^/@]+)@([^/]+)", spec)
+        number = re.fullmatch(r"models:/([^/@]+)/(\d+)", spec)
         if alias:
             mv = mlflow.MlflowClient(uri, uri).get_model_version_by_alias(alias[1], alias[2])
+        elif number:
+            mv = mlflow.MlflowClient(uri, uri).get_model_version(number[1], number[2])
+        elif spec.startswith("models:/"):
+            raise ModelSpecError(
+                f"--model {spec}: give models:/NAME@ALIAS or models:/NAME/VERSION, the forms whose file can be "
+                "checked against the sha256 its release recorded"
+            )
+        if mv is not None:
             label = f"{spec} (version {mv.version}, run {mv.run_id})"
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=spec, dst_path=str(workdir)))
+            # The version, not the alias: an alias moved between the lookup and the download must not swap the file.
+            download = f"models:/{mv.name}/{mv.version}"
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=download, dst_path=str(workdir)))
     except MlflowException as exc:
         raise ModelSpecError(f"--model {spec}: {exc.message} (MLflow at {uri})") from exc
-    return (_artifact_in(local, spec) if local.is_dir() else local), label
+    path = _artifact_in(local, spec) if local.is_dir() else local
+    if mv is not None:
+        record = f"the release record of version {mv.version} of {mv.name!r} (tag {ARTIFACT_SHA256_TAG})"
+        recorded = mv.tags.get(ARTIFACT_SHA256_TAG)
+        if not recorded:
+            raise TrustError(
+                f"{label}: version {mv.version} of {mv.name!r} has no {ARTIFACT_SHA256_TAG} tag, so its file "
+                f"(sha256 {file_sha256(path)}) cannot be checked against a release; refusing it. Register it "
+                "with `python -m sweep.release`, which records the sha256."
+            )
+        check_sha256(file_sha256(path), recorded, label, record)
+    return path, label
 
 
 def _image_size(model, override: int | None, path: Path) -> int:
@@ -143,6 +182,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--index-dir", type=Path, default=None, help="where to cache the index (default: beside the database)"
     )
+    p.add_argument(
+        "--sha256",
+        type=_hex_sha256,
+        metavar="HEX",
+        default=None,
+        help="refuse the file unless its sha256 is HEX (for a plain file; a models:/ URI is always checked against "
+        "its release record)",
+    )
+    p.add_argument(
+        "--verify-key",
+        metavar="PUBFILE",
+        default=None,
+        help="refuse the file unless FILE.sig beside it is its ed25519 signature by this PEM public key "
+        "(sweep.release --sign; docs/release.md)",
+    )
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
@@ -150,6 +204,13 @@ def build_parser() -> argparse.ArgumentParser:
         "-q", "--quiet", action="store_true", help="only the results (no progress lines on stderr)"
     )
     return p
+
+
+def _hex_sha256(value: str) -> str:
+    try:
+        return parse_sha256(value, "--sha256")
+    except TrustError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _fail(message: str) -> int:
@@ -184,13 +245,28 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="vladsweep-model-") as work:
         try:
-            path, label = resolve_model(args.model, args.mlflow_uri, work)
+            # The key first: a bad --verify-key is reported before anything is downloaded.
+            key = load_public_key(args.verify_key) if args.verify_key else None
+            path, label = resolve_model(
+                args.model, args.mlflow_uri, work
+            )  # checks a release's recorded sha256
             sha = file_sha256(path)
-            model = load_compressed(path)  # verifies every checksum first: a tampered file never runs
+            checks = ["sha256 matches the release record"] if args.model.startswith("models:/") else []
+            if args.sha256 is not None:
+                check_sha256(sha, args.sha256, label, "--sha256")
+                checks.append("sha256 matches --sha256")
+            if key is not None:
+                sig = verify_signature(path, sha, key, args.verify_key)
+                checks.append(f"signature {sig.name} by {key_fingerprint(key)}")
+            # Only a file trusted above is decoded; decoding verifies every checksum first, so a damaged one never
+            # runs either.
+            model = load_compressed(path)
             image_size = _image_size(model, args.image_size, path)
-        except (ModelSpecError, CodecError, OSError) as exc:
+        except (ModelSpecError, TrustError, CodecError, OSError) as exc:
             return _fail(str(exc))
     log.info("model: %s; sha256 %s…, image_size %d", label, sha[:16], image_size)
+    if checks:
+        log.info("trusted: %s", "; ".join(checks))
 
     if args.evaluate is not None:
         from trainables.data.registry import load_dataset
