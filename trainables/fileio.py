@@ -63,16 +63,6 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], *, fsyn
     return path
 
 
-def atomic_write_text(path: str | os.PathLike, text: str, *, fsync: bool = False) -> Path:
-    """``atomic_write`` of a UTF-8 text."""
-    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), fsync=fsync)
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, fsync: bool = False) -> Path:
-    """``atomic_write`` of bytes."""
-    return atomic_write(path, lambda tmp: tmp.write_bytes(data), fsync=fsync)
-
-
 def atomic_directory(
     path: str | os.PathLike,
     build: Callable[[Path], None],

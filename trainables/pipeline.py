@@ -58,8 +58,10 @@ from trainables.contract import (
     LAYERS_MD,
     MEMORY_KEY,
     OBJECTIVES,
+    PLACEMENT_KEYS,
     POSTER_MIB_KEY,
     RATIO_KEY,
+    RESULT_FILES,
     SPARSITY_KEY,
     STAGE_KEY,
     STAGES,
@@ -113,7 +115,7 @@ class TrialContext:
         return self.work / WEIGHTS_FILE
 
     def result_files(self) -> list[Path]:
-        return [self.artifact, self.work / LAYERS_JSON, self.work / LAYERS_MD]
+        return [self.work / name for name in RESULT_FILES]
 
 
 # ------------------------------------------------------------------------------------------------- the stages
@@ -254,11 +256,8 @@ def _placement(device: torch.device) -> dict[str, str]:
     """Where this trial runs: the node (IPs repeat when several nodes share a machine), the GPUs Ray gave it and
     the device torch used (``cpu`` despite GPUs means this worker's torch cannot see CUDA)."""
     context = ray.get_runtime_context()
-    return {
-        "node_id": context.get_node_id(),
-        "gpu_ids": ",".join(str(g) for g in ray.get_gpu_ids()),
-        "device": device.type,
-    }
+    gpu_ids = ",".join(str(g) for g in ray.get_gpu_ids())
+    return dict(zip(PLACEMENT_KEYS, (context.get_node_id(), gpu_ids, device.type), strict=True))
 
 
 def fetch_base(location: str) -> Path:
