@@ -16,8 +16,9 @@ from typing import Any
 from ray.tune import Callback
 
 from sweep import tracking
+from sweep.hypervolume import hypervolume
 from sweep.results import error_text, node_label
-from trainables.contract import MAP_KEY
+from trainables.contract import EARLY_STOP_REASON_KEY, MAP_KEY
 
 logger = logging.getLogger("vladsweep.tracking")
 
@@ -29,12 +30,19 @@ class TrialRunLogger(Callback):
     """Mirror Tune trials into MLflow child runs while the sweep runs; an MLflow outage only pauses the mirror."""
 
     def __init__(
-        self, tracking_uri: str, experiment_id: str, parent_run_id: str, fixed_config: Mapping[str, Any]
+        self,
+        tracking_uri: str,
+        experiment_id: str,
+        parent_run_id: str,
+        fixed_config: Mapping[str, Any],
+        hypervolume_reference: tuple[float, float] | None = None,
     ):
         self.tracking_uri = tracking_uri
         self.experiment_id = experiment_id
         self.parent_run_id = parent_run_id
         self.fixed_config = dict(fixed_config)
+        #: `sweep.hypervolume.reference_point` of the base; None logs no ``hypervolume``.
+        self.hypervolume_reference = hypervolume_reference
         self._client = None
         self._runs: dict[str, str] = {}
         self._paused_until = 0.0
@@ -126,8 +134,34 @@ class TrialRunLogger(Callback):
                 "recording a failure",
                 lambda: tracking.record_failure(self._client, run_id, error_text(trial)),
             )
+        self._log_hypervolume(trials, trial)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         run_id = self._run_for(trial)
-        if run_id:
+        # Set by the early-stopping scheduler before Tune calls this (sweep/early_stop_scheduler.py).
+        reason = (trial.last_result or {}).get(EARLY_STOP_REASON_KEY)
+        if run_id and reason:
+            self._call(
+                "recording an early stop", lambda: tracking.record_stopped(self._client, run_id, reason)
+            )
+        elif run_id:
             self._call("closing a child run", lambda: tracking.close_trial_run(self._client, run_id))
+        self._log_hypervolume(trials, trial)
+
+    def _log_hypervolume(self, trials, trial) -> None:
+        """The front's ``hypervolume`` on the parent run once ``trial`` ended, at step = trials done (completed +
+        failed). Counted from Tune's list of trials, so a ``--resume`` goes on from the trials it restored."""
+        reference = getattr(self, "hypervolume_reference", None)  # a sweep pickled before it had one: None
+        if reference is None:
+            return
+        # Tune calls on_trial_complete before it marks the trial TERMINATED, on_trial_error after ERROR.
+        done = [t for t in trials if t is trial or t.status in ("TERMINATED", "ERROR")]
+        points = [{**t.last_result, "status": "failed" if t.status == "ERROR" else "ok"} for t in done]
+        self._call(
+            "logging the hypervolume",
+            lambda: tracking.log_hypervolume(
+                self._client,
+                self.parent_run_id,
+                [(len(done), hypervolume(points, reference))],
+            ),
+        )

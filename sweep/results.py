@@ -13,7 +13,11 @@ from typing import Any
 from ray.tune import ExperimentAnalysis
 
 from sweep.tracking import trial_number
-from trainables.contract import MAP_KEY, MEMORY_KEY, OBJECTIVES
+from trainables.contract import EARLY_STOP_REASON_KEY, MAP_KEY, MEMORY_KEY, OBJECTIVES
+
+#: Statuses of a trial that has ended: completed, failed, stopped early (sweep/early_stop.py). Any other status is
+#: Tune's state of a trial that has not ended.
+ENDED_STATUSES: tuple[str, ...] = ("ok", "failed", "stopped")
 
 #: MLflow limits a tag value to 5000 characters; an error's traceback is cut to its end, which names the cause.
 MAX_ERROR_CHARS = 4900
@@ -45,16 +49,21 @@ def _has_objectives(result: Mapping[str, Any]) -> bool:
 def collect_rows(experiment_dir: str) -> list[dict[str, Any]]:
     """One row per trial from Ray's experiment state.
 
-    Keys: ``trial_id``, ``number`` (1, 2, … in the sweep, or None), ``name``, ``status`` (``ok``, ``failed`` or Tune's state in lower case for a trial that has
-    not ended; a trial that ended without finite objectives is ``failed``), ``config``, ``result`` (its last
-    report), the objectives (``mAP``, ``memory_mib``) lifted from it, ``node``, ``retries``, ``error`` (failed
-    trials), and ``checkpoint`` / ``checkpoint_fs`` (path and pyarrow filesystem of its newest checkpoint)."""
+    Keys: ``trial_id``, ``number`` (1, 2, … in the sweep, or None), ``name``, ``status`` (``ok``, ``failed``,
+    ``stopped`` or Tune's state in lower case for a trial that has not ended; a trial that ended without finite
+    objectives is ``failed``, unless the early-stopping scheduler stopped it: ``stopped``, never a point of the
+    front), ``config``, ``result`` (its last report), the objectives (``mAP``, ``memory_mib``) lifted from it,
+    ``node``, ``retries``, ``error`` (failed trials), ``stopped_reason`` (stopped trials), and ``checkpoint`` /
+    ``checkpoint_fs`` (path and pyarrow filesystem of its newest checkpoint)."""
     analysis = ExperimentAnalysis(experiment_dir)
     rows = []
     for trial in analysis.trials:
         result = dict(trial.last_result or {})
         status = _trial_status(trial)
-        if status == "ok" and not _has_objectives(result):
+        stopped_reason = result.get(EARLY_STOP_REASON_KEY) if status == "ok" else None
+        if stopped_reason:
+            status = "stopped"
+        elif status == "ok" and not _has_objectives(result):
             status = "failed"
         checkpoint = trial.checkpoint
         rows.append(
@@ -70,6 +79,7 @@ def collect_rows(experiment_dir: str) -> list[dict[str, Any]]:
                 "node": node_label(result),
                 "retries": trial.run_metadata.num_failures,
                 "error": error_text(trial) if status == "failed" else None,
+                "stopped_reason": stopped_reason or None,
                 "checkpoint": checkpoint.path if checkpoint is not None else None,
                 "checkpoint_fs": checkpoint.filesystem if checkpoint is not None else None,
             }

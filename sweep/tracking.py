@@ -32,6 +32,7 @@ from mlflow.entities import Metric, RunTag
 from dashboards.layer_html import write_layer_html
 from dashboards.pareto_csv import write_pareto_csv
 from dashboards.pareto_html import write_pareto_html
+from sweep import hypervolume as hv
 from sweep.pareto import non_dominated_mask
 from trainables.contract import (
     ARTIFACT_FILE,
@@ -62,13 +63,18 @@ ROLE_TRIAL = "trial"
 PARENT_TAG = "mlflow.parentRunId"
 #: Tags of a child run.
 TRIAL_ID_TAG = "trial_id"
-STATUS_TAG = "status"  # FINISHED, FAILED, RUNNING, RETRYING (Tune's view; MLflow's own status lags behind)
+STATUS_TAG = "status"  # FINISHED, FAILED, STOPPED, RUNNING, RETRYING (Tune's view; MLflow's own status lags)
 PARETO_TAG = "pareto"  # "true" / "false"
 NODE_TAG = "node"
 RETRIES_TAG = "retries"
 ERROR_TAG = "error"
 STAGE_TAG = STAGE_KEY  # the stage of the trial's latest report
 STATUS_FINISHED = "FINISHED"
+#: A trial stopped early (sweep/early_stop.py): ``status`` tag STOPPED, the reason in ``stopped_reason``, never
+#: ``pareto``; MLflow's own end state is KILLED (ended before its last stage), not FINISHED.
+STATUS_STOPPED = "STOPPED"
+STOPPED_REASON_TAG = "stopped_reason"
+MLFLOW_STOPPED = "KILLED"
 #: Where a front member's files (the shipped artifact and its per-layer report) are logged in its child run.
 ARTIFACT_DIR = "model"
 #: The parent's base model: the metrics every ``mAP_drop`` refers to and how often this sweep built it.
@@ -86,6 +92,11 @@ BASE_KEY = "base_key"
 #: The parent's views of the front; pareto.html is the one to open first (the parent's description links it).
 PARETO_HTML = "pareto.html"
 PARETO_FILES = ("pareto.csv", "pareto.png", PARETO_HTML)
+#: The search's score on the parent run (`sweep.hypervolume`: validation mAP × log10 MiB against the base's size
+#: and the best zero-byte baseline): the metric at step = trials done (completed + failed), one step per trial,
+#: and its plot against the trials done.
+HYPERVOLUME_METRIC = "hypervolume"
+HYPERVOLUME_PNG = "hypervolume.png"
 
 #: MLflow 3 records what an experiment is for in this experiment tag; "custom_model_development" is the UI's
 #: "Model training" kind (runs table and charts), not its GenAI one (traces, token usage). MLflow 3.17's UI picks
@@ -396,6 +407,13 @@ def close_trial_run(client: mlflow.MlflowClient, run_id: str) -> None:
     client.set_terminated(run_id, STATUS_FINISHED)
 
 
+def record_stopped(client: mlflow.MlflowClient, run_id: str, reason: str) -> None:
+    """A trial stopped early: tagged STOPPED with the reason, terminated KILLED (`STATUS_STOPPED`)."""
+    client.set_tag(run_id, STATUS_TAG, STATUS_STOPPED)
+    client.set_tag(run_id, STOPPED_REASON_TAG, reason[:MAX_TAG_CHARS])
+    client.set_terminated(run_id, MLFLOW_STOPPED)
+
+
 def record_failure(client: mlflow.MlflowClient, run_id: str, message: str) -> None:
     """A trial that failed: tagged FAILED with the end of its error, terminated FAILED."""
     client.set_tag(run_id, STATUS_TAG, "FAILED")
@@ -416,10 +434,12 @@ def sync_sweep(
     reference: list[dict] | None = None,
     finished: bool = True,
     baselines: Mapping[str, float] | None = None,
+    hypervolume_reference: tuple[float, float] | None = None,
 ) -> list[dict[str, Any]]:
     """Make MLflow agree with ``rows`` (`sweep.results.collect_rows`); returns them with their ``pareto`` flag
     and ``run_id`` set. ``base`` and ``reference`` are extra points of the parent's plots, ``baselines``
-    (`axis_baselines`) its horizontal lines."""
+    (`axis_baselines`) its horizontal lines; with ``hypervolume_reference`` (`sweep.hypervolume.reference_point`)
+    the parent's ``hypervolume`` series is completed and plotted (`_log_hypervolume_views`)."""
     client = open_client(tracking_uri)
     rows = list(rows)
     for row, on_front in zip(rows, non_dominated_mask(rows)):
@@ -427,6 +447,8 @@ def sync_sweep(
     for row in rows:
         row["run_id"] = _sync_child_run(client, experiment_id, parent_run_id, row, fixed_config)
     _log_parent_views(client, parent_run_id, rows, base, reference, baselines)
+    if hypervolume_reference is not None:
+        _log_hypervolume_views(client, parent_run_id, rows, hypervolume_reference)
     client.set_tag(parent_run_id, NOTE_TAG, parent_note(experiment_id, parent_run_id, rows))
     client.set_tag(parent_run_id, "pareto_size", str(sum(row["pareto"] for row in rows)))
     client.set_tag(parent_run_id, "trials", str(len(rows)))
@@ -481,11 +503,14 @@ def _sync_child_run(
     ]
     if row["status"] == "failed" and row["error"]:
         tags.append(RunTag(ERROR_TAG, str(row["error"])[-MAX_TAG_CHARS:]))
+    if row["status"] == "stopped":
+        tags.append(RunTag(STOPPED_REASON_TAG, str(row.get("stopped_reason") or "")[:MAX_TAG_CHARS]))
     client.log_batch(run_id, metrics=metrics, tags=tags)
     if row["pareto"]:
         _log_front_member_artifacts(client, run_id, row)
-    if row["status"] in ("ok", "failed"):
-        client.set_terminated(run_id, STATUS_FINISHED if row["status"] == "ok" else "FAILED")
+    if row["status"] in ("ok", "failed", "stopped"):
+        end = {"ok": STATUS_FINISHED, "failed": "FAILED", "stopped": MLFLOW_STOPPED}[row["status"]]
+        client.set_terminated(run_id, end)
     return run_id
 
 
@@ -516,6 +541,48 @@ def _log_parent_views(
         )
         for name in PARETO_FILES:
             client.log_artifact(parent_run_id, str(tmp_path / name))
+
+
+def log_hypervolume(client: mlflow.MlflowClient, run_id: str, curve: Sequence[tuple[int, float]]) -> None:
+    """Log ``curve`` (``(trials_done, value)`` in step order) as the run's ``hypervolume`` history, idempotently:
+    a step already logged is left as it is, except the curve's last one, which is logged again when its value
+    changed (a failed trial that a ``--resume`` re-ran and completed), so the run's latest value is always the
+    front's. The live logger passes one step, the reconciler the whole curve."""
+    if not curve:
+        return
+    logged: dict[int, float] = {}
+    for m in sorted(client.get_metric_history(run_id, HYPERVOLUME_METRIC), key=lambda m: m.timestamp):
+        logged[m.step] = m.value  # the newest entry of a step is the one MLflow shows
+    last_step, last_value = curve[-1]
+    now = int(time.time() * 1000)
+    metrics = [Metric(HYPERVOLUME_METRIC, float(v), now, int(s)) for s, v in curve if s not in logged]
+    if last_step in logged and not math.isclose(logged[last_step], last_value, rel_tol=1e-9, abs_tol=1e-12):
+        metrics.append(Metric(HYPERVOLUME_METRIC, float(last_value), now, int(last_step)))
+    for start in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics per batch
+        client.log_batch(run_id, metrics=metrics[start : start + 1000])
+
+
+def _log_hypervolume_views(
+    client: mlflow.MlflowClient,
+    parent_run_id: str,
+    rows: Sequence[Mapping[str, Any]],
+    reference: tuple[float, float],
+) -> None:
+    """The whole ``hypervolume`` curve recomputed from ``rows`` in the order their trials ended (so a resumed or
+    ``--sync``'d sweep ends with a complete series; `log_hypervolume`) and ``hypervolume.png`` of it."""
+    curve = hv.hypervolume_curve(hv.completion_order(rows), reference)
+    log_hypervolume(client, parent_run_id, curve)
+    # Lazy: matplotlib, as in _log_parent_views.
+    from dashboards.hypervolume_png import plot_hypervolume_png
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = plot_hypervolume_png(
+            curve,
+            Path(tmp) / HYPERVOLUME_PNG,
+            reference=reference,
+            y_label=f"{HYPERVOLUME_METRIC} ({hv.UNIT})",
+        )
+        client.log_artifact(parent_run_id, str(path))
 
 
 def _log_front_member_artifacts(client: mlflow.MlflowClient, run_id: str, row: Mapping[str, Any]) -> None:

@@ -19,7 +19,8 @@ from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
 from search_spaces.schema import SearchSpace
-from trainables.contract import OBJECTIVES
+from sweep.early_stop_scheduler import ParetoEarlyStopping
+from trainables.contract import EARLY_STOP_REASON_KEY, OBJECTIVES
 from trainables.pipeline import run_trial
 
 logger = logging.getLogger("vladsweep.tuner")
@@ -57,12 +58,17 @@ class MultiObjectiveOptunaSearch(OptunaSearch):
       trial yields ``[None, None]``, Optuna refuses it and the trial stays RUNNING in the study forever.
     - On restore, study trials that are RUNNING but belong to no restored Tune trial are told FAIL: the driver died
       after asking Optuna for them and before Tune saved its state, so nothing would ever finish them.
+    - A trial stopped early (`sweep.early_stop_scheduler`: ``EARLY_STOP_REASON_KEY`` in its last result) is told PRUNED:
+      neither a point of the study nor a failure.
     (A trial that ends a second time after a resume — the driver died between telling Optuna and saving Tune's
     state — is harmless: Ray logs Optuna's refusal of a second ``tell`` and the study keeps the first result.)
     """
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        if result and isinstance(self.metric, list) and any(result.get(m) is None for m in self.metric):
+        if result and result.get(EARLY_STOP_REASON_KEY) and not error:
+            # No values and no error is Ray's own case for ``tell(trial, None, state=PRUNED)``.
+            result = None
+        elif result and isinstance(self.metric, list) and any(result.get(m) is None for m in self.metric):
             result = None
             error = True
         super().on_trial_complete(trial_id, result=result, error=error)
@@ -122,15 +128,18 @@ def build_tuner(
     optuna_url: str,
     callbacks: list,
     max_failures: int = 2,
+    early_stop: ParetoEarlyStopping | None = None,
 ) -> Tuner:
     """A new sweep's ``Tuner``: ``num_samples`` trials of ``space``, ``max_concurrent`` at a time, each retried
-    up to ``max_failures`` times from its newest checkpoint."""
+    up to ``max_failures`` times from its newest checkpoint; with ``early_stop`` as its scheduler (the trials must
+    then report the early signal: ``context["early_signal"]``), else Tune's FIFO."""
     return Tuner(
         wrap_trainable(context, cpus_per_trial, gpus_per_trial),
         tune_config=TuneConfig(
             search_alg=make_searcher(space, seed, optuna_url, max_concurrent),
             num_samples=num_samples,
             max_concurrent_trials=max_concurrent,
+            scheduler=early_stop,
             # One worker process per slot for the whole sweep: a fresh actor per trial re-imports torch, faiss and
             # Ray (seconds of CPU each time on a small machine) between every two trials.
             reuse_actors=True,
@@ -147,12 +156,31 @@ def build_tuner(
 
 
 def restore_tuner(
-    experiment_dir: str, context: Mapping[str, Any], cpus_per_trial: float, gpus_per_trial: float
+    experiment_dir: str,
+    context: Mapping[str, Any],
+    cpus_per_trial: float,
+    gpus_per_trial: float,
+    early_stop: ParetoEarlyStopping | None = None,
 ) -> Tuner:
-    """The ``Tuner`` of the sweep in ``experiment_dir`` (``--resume``): unfinished and errored trials go on."""
-    return Tuner.restore(
+    """The ``Tuner`` of the sweep in ``experiment_dir`` (``--resume``): unfinished and errored trials go on.
+
+    ``Tuner.restore`` takes no ``TuneConfig``: the sweep keeps the scheduler it was started with (pickled in its
+    ``tuner.pkl``; `sweep.early_stop_scheduler` rebuilds its state from the restored trials). ``early_stop`` is what this
+    command line asks for; when it disagrees with the restored sweep, a warning says so."""
+    tuner = Tuner.restore(
         experiment_dir,
         trainable=wrap_trainable(context, cpus_per_trial, gpus_per_trial),
         resume_unfinished=True,
         resume_errored=True,
     )
+    # Ray keeps the restored TuneConfig on a private attribute; only read, and only for the warning.
+    tune_config = getattr(getattr(tuner, "_local_tuner", None), "_tune_config", None)
+    if tune_config is not None:
+        restored = isinstance(tune_config.scheduler, ParetoEarlyStopping)
+        if restored != (early_stop is not None):
+            logger.warning(
+                "this sweep was started %s --early-stop and resumes so (Ray's Tuner.restore keeps the scheduler a "
+                "sweep began with); resume with the flags it was started with",
+                "with" if restored else "without",
+            )
+    return tuner

@@ -167,14 +167,21 @@ def test_paper_grid_is_the_posters_grid():
     assert set(space.params["quant_mode"].choices) == {"uniform", "kmeans"}
 
 
-def test_pareto_space_searches_mode_per_group_bits_and_log_lambda():
+def test_pareto_space_searches_sigma_threshold_and_bits_per_group_whitening_dim_and_log_lambda():
     space = load_search_space("pareto.yaml")
     assert space.sampler.type == "tpe"
-    assert set(space.params["prune_mode"].choices) == {"abs", "sigma"}
-    assert space.params["threshold"].log and space.params["l1_lambda"].log
+    # Sigma mode only (absolute thresholds are paper_grid.yaml's), one threshold range per group, each below the
+    # ~3.3·std at which a Gaussian-like conv layer of the tiny base would be pruned whole.
+    assert space.fixed["prune_mode"] == "sigma" and "threshold" not in space.params
+    assert space.params["l1_lambda"].log
     for g in GROUPS:
+        t = space.params[f"threshold_{g}"]
+        assert t.kind == "float" and t.log and 0 < t.low < t.high <= 3.0
         p = space.params[f"bits_{g}"]
         assert (p.kind, p.low, p.high) == ("int", 2, 8)
+    assert space.params["threshold_conv"].high < space.params["threshold_whitening"].high
+    d = space.params["whitening_dim"]
+    assert (d.kind, d.high, d.log) == ("int", 4096, True)
     assert set(space.params["quant_mode"].choices) == {"uniform", "kmeans"}
 
 

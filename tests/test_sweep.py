@@ -22,6 +22,7 @@ from trainables.contract import (
     OBJECTIVES,
     TEST_DROP_KEY,
     TEST_MAP_KEY,
+    ZERO_BYTE_BASELINES,
     map_key,
 )
 
@@ -89,6 +90,20 @@ def test_sweep_logs_parent_children_front_and_artifacts(finished_sweep):
             if rid != child.info.run_id
         )
         assert (child.data.tags["pareto"] == "true") == (not dominated)
+
+
+def test_sweep_logs_hypervolume_per_trial_and_its_png(finished_sweep):
+    from sweep.hypervolume import hypervolume
+
+    client, (parent,), children = _runs(finished_sweep.mlflow_uri, finished_sweep.experiment)
+    metrics = parent.data.metrics
+    steps = sorted(m.step for m in client.get_metric_history(parent.info.run_id, "hypervolume"))
+    # The reference from what the parent shows: the base's size, the best zero-byte baseline on validation.
+    ref = (metrics["base_memory_mib"], max(metrics[f"baseline_{n}_val"] for n in ZERO_BYTE_BASELINES))
+    points = [{k: c.data.metrics[k] for k in OBJECTIVES} for c in children]
+    assert steps == [1, 2, 3, 4] and metrics["hypervolume"] == pytest.approx(hypervolume(points, ref))
+    assert "hypervolume.png" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert "hypervolume (val, ref memory=" in finished_sweep.stdout
 
 
 def test_front_member_file_is_what_memory_and_map_measure(finished_sweep, tmp_path):

@@ -68,8 +68,25 @@ RATIO_KEY = "compression_ratio"
 SPARSITY_KEY = "sparsity"
 POSTER_MIB_KEY = "poster_style_mib"
 STAGE_KEY = "stage"
+#: The whitening dimension of the file that ships (the trial's ``whitening_dim``, or the base's when unset);
+#: absent when the base has no whitening.
+WHITENING_DIM_KEY = "whitening_dim"
 #: Where a report was made: the Ray node, the GPUs Ray gave the trial, the device torch used.
 PLACEMENT_KEYS: tuple[str, ...] = ("node_id", "gpu_ids", "device")
+#: The early-stopping signal (docs/early-stopping.md): only when the sweep asks for it
+#: (``context["early_signal"]``), the report of ``EARLY_STAGE`` also carries ``early_memory_mib``, the
+#: *projected* size of the file that would ship — a copy of the pruned model quantized with the trial's codebooks
+#: before their fine-tune, written with the real codec and measured; a projection, not a bound, since the
+#: fine-tune may still move it — and ``early_val_mAP``, the pruned, not yet quantized model's mAP on the
+#: validation splits (never test).
+EARLY_STAGE: str = "prune"
+EARLY_MEMORY_KEY = "early_memory_mib"
+EARLY_MAP_KEY = "early_val_mAP"
+#: Each objective's early projection.
+EARLY_OBJECTIVES: dict[str, str] = {VAL_MAP_KEY: EARLY_MAP_KEY, MEMORY_KEY: EARLY_MEMORY_KEY}
+#: Why a trial was stopped early: written into its last result by the sweep's scheduler
+#: (`sweep/early_stop_scheduler.py`), never by the trial; a result carrying it is no point and no failure.
+EARLY_STOP_REASON_KEY = "early_stop_reason"
 
 #: Baselines every front is read against, as mAP per split (the base's meta ``baselines``): the ones that need
 #: no model bytes at all (a random ranking, 16x16 thumbnails, a colour histogram), and the network before any
@@ -102,9 +119,9 @@ def seconds_key(stage: str) -> str:
 
 
 def map_key(split: str) -> str:
-    """The report key of the mAP on one split (``val_mAP`` / ``test_mAP`` are the means over a protocol's
-    validation / test splits)."""
-    return f"{MAP_KEY}_{split}"
+    """The report key of the mAP on one split, ``mAP_<split>`` (``val_mAP`` / ``test_mAP`` are the means over a
+    protocol's validation / test splits; a per-split key names no role, so a test split never reads as ``val_``)."""
+    return f"mAP_{split}"
 
 
 # --------------------------------------------------------------------------------------- the trial's parameters
@@ -142,7 +159,8 @@ class ParamSpec:
 
     ``type``: ``float``, ``int``, ``str`` or ``bool``. Numeric domain: ``low``/``high`` inclusive (``None`` =
     unbounded), ``low_open`` makes ``low`` exclusive (``lr > 0``). ``choices``: the allowed values of a ``str``
-    parameter. ``default`` ``None`` on a per-group override means "inherit the global parameter".
+    parameter. ``default`` ``None`` on a per-group override means "inherit the global parameter"; on an
+    ``optional`` parameter, None is a value of its own ("keep the base's").
     """
 
     name: str
@@ -155,6 +173,7 @@ class ParamSpec:
     choices: tuple[Any, ...] | None = None
     check_str: Callable[[str], str | None] | None = None
     inherits: str | None = None  # per-group override of this global parameter
+    optional: bool = False  # None is allowed (and is the default): the trial keeps what the base has
 
     def domain(self) -> str:
         """What values are allowed, in words (used in every error message)."""
@@ -167,14 +186,16 @@ class ParamSpec:
         kind = "an integer" if self.type is int else "a number"
         lo = None if self.low is None else (f"> {self.low:g}" if self.low_open else f">= {self.low:g}")
         if self.low is not None and self.high is not None and not self.low_open:
-            return f"{kind} in {self.low:g}..{self.high:g}"
-        parts = [p for p in (lo, None if self.high is None else f"<= {self.high:g}") if p]
-        return f"{kind} {' and '.join(parts)}" if parts else kind
+            text = f"{kind} in {self.low:g}..{self.high:g}"
+        else:
+            parts = [p for p in (lo, None if self.high is None else f"<= {self.high:g}") if p]
+            text = f"{kind} {' and '.join(parts)}" if parts else kind
+        return f"{text}, or null (the base's)" if self.optional else text
 
     def check(self, value: Any, source: str = "trial config", key: str | None = None) -> Any:
         """Return ``value`` coerced to the parameter's type, or raise ``TrialConfigError``."""
         key = key or self.name
-        if value is None and self.inherits is not None:
+        if value is None and (self.inherits is not None or self.optional):
             return None
         fail = TrialConfigError(key, value, f"expected {self.domain()}", source)
         if self.type is bool:
@@ -301,6 +322,15 @@ def _params() -> dict[str, ParamSpec]:
             bool,
             False,
             "Accept a threshold that prunes a whole layer (otherwise that trial fails with the reason).",
+        ),
+        ParamSpec(
+            "whitening_dim",
+            int,
+            None,
+            "Keep the first d PCA components of the base's whitening (null: all of them); the base must have "
+            "whitening of at least d. mAP drops stay relative to the dense base.",
+            low=1,
+            optional=True,
         ),
     ]
     return {s.name: s for s in specs}

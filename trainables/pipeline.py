@@ -28,7 +28,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,9 @@ from trainables.compression.schedule import (
 from trainables.contract import (
     ARTIFACT_FILE,
     DROP_KEY,
+    EARLY_MAP_KEY,
+    EARLY_MEMORY_KEY,
+    EARLY_STAGE,
     LAYERS_JSON,
     LAYERS_MD,
     MEMORY_KEY,
@@ -70,13 +73,14 @@ from trainables.contract import (
     TEST_MAP_KEY,
     VAL_MAP_KEY,
     WEIGHTS_FILE,
+    WHITENING_DIM_KEY,
     map_key,
     resolve_trial_config,
     seconds_key,
 )
 from trainables.data.registry import load_dataset
 from trainables.devices import select_device
-from trainables.netvlad.model import NetVLADModel
+from trainables.netvlad.model import NetVLADModel, build_netvlad
 from trainables.retrieval.evaluate import evaluate_dataset
 from trainables.train import DivergedError
 
@@ -101,6 +105,13 @@ class TrialContext:
     train_fn: TrainFn
     #: Set by the ``evaluate`` stage: the final report.
     final: dict[str, Any] = field(default_factory=dict)
+    #: Parameters of the base that the trial's model no longer has (a truncated whitening, ``whitening_dim``):
+    #: the compression ratio counts them, so it is always against the dense base the user has.
+    removed_parameters: int = 0
+    #: The sweep asks for the early-stopping signal (``context["early_signal"]``; docs/early-stopping.md).
+    early_signal: bool = False
+    #: Set by the ``prune`` stage when ``early_signal``: the signal, reported with that stage (`early_signal`).
+    early: dict[str, Any] = field(default_factory=dict)
 
     @property
     def image_size(self) -> int:
@@ -153,23 +164,64 @@ def sparsify_stage(model: NetVLADModel, ctx: TrialContext) -> list[Path]:
 
 
 def prune_stage(model: NetVLADModel, ctx: TrialContext) -> list[Path]:
-    """Prune below each group's threshold and retrain with the masks held."""
+    """Prune below each group's threshold and retrain with the masks held; measure the early-stopping signal
+    into ``ctx.early`` when the sweep asks for it."""
     prune_and_retrain(model, ctx.plan, ctx.groups, ctx.train_fn)
+    if ctx.early_signal:
+        ctx.early = early_signal(model, ctx)
     return [save_weights(model, ctx.weights, export_masks(model))]
+
+
+def early_signal(model: NetVLADModel, ctx: TrialContext) -> dict[str, float]:
+    """The pruned model's projected file size and validation mAP (``EARLY_MEMORY_KEY``, ``EARLY_MAP_KEY``) and the
+    seconds they took, for the sweep's early stopping (docs/early-stopping.md).
+
+    The size is measured, never estimated: a copy of the model is quantized as the quantize stage does it, minus
+    the fine-tune (its codebooks untrained), and written with the real codec to a file in the trial's work folder.
+    The mAP is the pruned, not yet quantized model's on the validation splits only. The model is left as it was and
+    the RNG state is restored, so a trial ends the same with the signal as without it."""
+    started = time.monotonic()
+    draft_path = ctx.work / f"early-{ARTIFACT_FILE}"
+    devices = [ctx.device] if ctx.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        # A copy the way a resumed trial rebuilds its model (a pruned module's computed weight cannot be deep-copied).
+        draft = build_netvlad(model.config_dict()).to(ctx.device)
+        draft.load_state_dict(dense_state_dict(model))
+        apply_masks(draft, export_masks(model), ctx.groups)
+        quantize_and_finetune(draft, replace(ctx.plan, quant_steps=0), ctx.groups, ctx.train_fn)
+        save_compressed(draft, ctx.plan, draft_path, meta=_artifact_meta(draft, ctx))
+        size = os.path.getsize(draft_path)
+        draft_path.unlink()
+        del draft
+        splits = ctx.base_meta["val_splits"]
+        maps = [
+            _finite(
+                f"early mAP on {split}",
+                evaluate_dataset(
+                    model, load_dataset(split, ctx.data_root), ctx.image_size, device=ctx.device
+                )["mAP"],
+            )
+            for split in splits
+        ]
+    return {
+        EARLY_MEMORY_KEY: size / 2**20,
+        EARLY_MAP_KEY: sum(maps) / len(maps),
+        seconds_key("early_signal"): time.monotonic() - started,
+    }
+
+
+def _artifact_meta(model: NetVLADModel, ctx: TrialContext) -> dict[str, Any]:
+    """The ``meta`` of the file a trial writes: how to rebuild the model, and the base it came from."""
+    return {
+        "architecture": {"name": "netvlad", "config": model.config_dict()},
+        "base": ctx.base_meta["config"],
+    }
 
 
 def quantize_stage(model: NetVLADModel, ctx: TrialContext) -> list[Path]:
     """Quantize (uniform or trained k-means), fine-tune the centroids, and write the file that ships."""
     quantize_and_finetune(model, ctx.plan, ctx.groups, ctx.train_fn)
-    report = save_compressed(
-        model,
-        ctx.plan,
-        ctx.artifact,
-        meta={
-            "architecture": {"name": "netvlad", "config": model.config_dict()},
-            "base": ctx.base_meta["config"],
-        },
-    )
+    report = save_compressed(model, ctx.plan, ctx.artifact, meta=_artifact_meta(model, ctx))
     (ctx.work / LAYERS_JSON).write_text(json.dumps(report.to_dict(), indent=2))
     (ctx.work / LAYERS_MD).write_text(report.to_markdown())
     return ctx.result_files()
@@ -213,10 +265,12 @@ def evaluate_stage(model: NetVLADModel, ctx: TrialContext) -> list[Path]:
         DROP_KEY: drop(val_map, float(meta[VAL_MAP_KEY])),
         TEST_DROP_KEY: drop(test_map, float(meta[TEST_MAP_KEY])),
         MEMORY_KEY: file_bytes / 2**20,
-        RATIO_KEY: totals["dense_fp32_bytes"] / file_bytes,
+        RATIO_KEY: (totals["dense_fp32_bytes"] + 4 * ctx.removed_parameters) / file_bytes,
         SPARSITY_KEY: totals["sparsity"],
         POSTER_MIB_KEY: totals["poster_mib"],
     }
+    if decoded.config.whitening_dim is not None:  # what the file that ships has, not what was asked for
+        ctx.final[WHITENING_DIM_KEY] = decoded.config.whitening_dim
     for key in (*OBJECTIVES, TEST_MAP_KEY, RATIO_KEY):
         _finite(key, ctx.final[key])
     return ctx.result_files()
@@ -306,26 +360,43 @@ def _report(state: dict[str, Any], files: list[Path], metrics: dict[str, Any], d
 def _open_trial(
     config: dict[str, Any], context: dict[str, Any], work: Path
 ) -> tuple[NetVLADModel, TrialContext]:
-    """The base model on the trial's device, and the context its stages share."""
+    """The base model on the trial's device, and the context its stages share.
+
+    A ``whitening_dim`` in the config truncates the base's whitening here, before the distillation teacher is
+    copied from the model (`retrain_fn`) and before any stage or restored checkpoint: the teacher, every stage and
+    the artifact all have the d-dim output. The trial's mAP drops stay relative to the dense base as built (its
+    ``meta``), the reference a user compares with.
+    """
     cpus, gpus = _trial_resources()
     torch.set_num_threads(max(1, int(cpus)))
     device = select_device(gpus)
     settings = resolve_trial_config(config)
     plan = CompressionPlan.from_dict(settings["plan"], source="trial config")
     model, meta = load_base(fetch_base(context["base_location"]))
+    base_parameters = _parameter_count(model)
+    if settings["params"]["whitening_dim"] is not None:
+        model.truncate_whitening(settings["params"]["whitening_dim"])
     model.to(device)
     miner = trial_miner(meta, context.get("data_root"), seed=int(context.get("seed", 0)))
     train_fn = retrain_fn(model, meta, miner, settings["lr"], device=device)
     groups = {g: names for g, names in model.compression_groups().items() if g in plan.groups}
-    return model, TrialContext(plan, groups, meta, context.get("data_root"), device, work, train_fn)
+    ctx = TrialContext(plan, groups, meta, context.get("data_root"), device, work, train_fn)
+    ctx.removed_parameters = base_parameters - _parameter_count(model)
+    return model, ctx
+
+
+def _parameter_count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
 
 
 def run_trial(config: dict[str, Any], context: dict[str, Any]) -> None:
     """Ray Tune entry point. ``config`` is the sampled trial config; ``context`` holds the sweep's constants
-    (``base_location``, ``data_root``, ``seed``) and comes through ``tune.with_parameters``."""
+    (``base_location``, ``data_root``, ``seed``, optional ``early_signal``) and comes through
+    ``tune.with_parameters``."""
     work = Path(tempfile.mkdtemp(prefix="vladsweep-trial-"))
     try:
         model, ctx = _open_trial(config, context, work)
+        ctx.early_signal = bool(context.get("early_signal", False))
         state = _restore_checkpoint(work)
         done = int(state["stage"])
         if done >= len(STAGES) and "final" in state:
@@ -345,6 +416,8 @@ def run_trial(config: dict[str, Any], context: dict[str, Any]) -> None:
                 raise DivergedError(f"stage {stage.name}: {exc} (config={config})", exc.step) from exc
             state["stage"], state["seconds"][stage.name] = index + 1, time.monotonic() - started
             metrics = {STAGE_KEY: stage.name, seconds_key(stage.name): state["seconds"][stage.name]}
+            if stage.name == EARLY_STAGE:
+                metrics.update(ctx.early)
             if stage.name == STAGES[-1]:
                 metrics = {
                     STAGE_KEY: stage.name,

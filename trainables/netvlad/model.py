@@ -110,6 +110,45 @@ class NetVLADModel(nn.Module):
             groups["whitening"] = ["whiten"]
         return groups
 
+    def truncate_whitening(self, dim: int) -> None:
+        """Keep the first ``dim`` outputs of the PCA whitening: a ``dim``-d whitening, with no rebuild.
+
+        PCA components are ordered by variance (`trainables.netvlad.whitening.learn_pca_whitening`), so the first
+        ``dim`` rows of the whitening Linear (weight and bias) are exactly the ``dim``-d PCA whitening the same
+        training vectors give. The descriptor is then L2-normalized over those ``dim`` outputs. ``config`` (and so
+        ``config_dict()``) says the new ``whitening_dim``, so a model rebuilt from it has the truncated shape.
+        Call it on a dense model (before pruning or quantization); ``ValueError`` names what is wrong.
+        """
+        if self.whiten is None:
+            raise ValueError(
+                f"whitening_dim={dim!r}: this model has no whitening (its whitening_dim is None), so there is "
+                "nothing to truncate; leave whitening_dim unset, or use a base built with whitening "
+                "(--whitening-dim N)"
+            )
+        have = self.whiten.out_features
+        if isinstance(dim, bool) or not isinstance(dim, int) or not 1 <= dim <= have:
+            raise ValueError(
+                f"whitening_dim={dim!r} is not possible: the model's whitening has {have} outputs; "
+                f"use an integer in 1..{have} (or leave it unset to keep all {have})"
+            )
+        # A pruned layer holds weight_orig (torch.nn.utils.prune), a quantized one parametrizations.
+        if hasattr(self.whiten, "weight_orig") or hasattr(self.whiten, "parametrizations"):
+            raise ValueError(
+                "truncate_whitening needs the dense whitening Linear; call it before pruning or quantizing"
+            )
+        if dim == have:
+            return
+        old = self.whiten
+        new = nn.Linear(old.in_features, dim, device=old.weight.device, dtype=old.weight.dtype)
+        with torch.no_grad():
+            new.weight.copy_(old.weight[:dim])
+            new.bias.copy_(old.bias[:dim])
+        new.weight.requires_grad_(old.weight.requires_grad)
+        new.bias.requires_grad_(old.bias.requires_grad)
+        new.train(old.training)
+        self.whiten = new
+        self.config.whitening_dim = dim
+
     def config_dict(self) -> dict[str, Any]:
         """JSON-able architecture record; ``build_netvlad(model.config_dict())`` rebuilds this architecture."""
         return {
