@@ -21,16 +21,19 @@ import ray
 import torch
 
 from sweep import storage
+from sweep.preflight import reserve
 from trainables.base import META_FILE, MODEL_FILE, BaseConfig, build_base
 from trainables.contract import MEMORY_KEY
+from trainables.devices import select_device
 
 logger = logging.getLogger("vladsweep.base")
 
 
-def _build_remote(config: dict[str, Any], location: str, threads: int) -> dict[str, Any]:
-    """The Ray task: build the base on the worker it was given, then copy it to ``location``."""
+def _build_remote(config: dict[str, Any], location: str, threads: int, gpus: float = 0.0) -> dict[str, Any]:
+    """The Ray task: build the base on the worker it was given (on CUDA when it holds ``gpus``, refused when that
+    worker's torch cannot use CUDA: `select_device`), then copy it to ``location``."""
     torch.set_num_threads(max(1, threads))
-    device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
+    device = select_device(gpus)
     with tempfile.TemporaryDirectory(prefix="vladsweep-base-") as tmp:
         out = Path(tmp) / "base"
         # Progress as plain lines (a Ray worker's stderr is no terminal): trainables/progress.py.
@@ -75,9 +78,10 @@ def _wait_interruptibly(ref: ray.ObjectRef, cancel_grace_s: float = 3.0) -> Any:
 
 
 def ensure_base(
-    config: BaseConfig, sweep: storage.SweepStorage, cpus: float, gpus: float
+    config: BaseConfig, sweep: storage.SweepStorage, cpus: float, gpus: float, pending_timeout_s: float = 0.0
 ) -> tuple[str, dict[str, Any], bool]:
-    """Return (location, meta, built_now). Builds only when no finished base with this config key exists."""
+    """Return (location, meta, built_now). Builds only when no finished base with this config key exists; the
+    build task waits at most ``pending_timeout_s`` for its resources (0: forever), else `PendingTimeout`."""
     location = sweep.base_dir(config.key())
     meta_location = f"{location}/{META_FILE}"
     if storage.exists(meta_location):
@@ -85,8 +89,9 @@ def ensure_base(
         logger.info("base model %s found in the sweep's storage; not rebuilt", config.key())
         return location, meta, False
     logger.info("building the base model %s (once per sweep) …", config.key())
-    task = ray.remote(num_cpus=cpus, num_gpus=gpus)(_build_remote)
-    meta = _wait_interruptibly(task.remote(config.to_dict(), location, int(max(1, cpus))))
+    with reserve(cpus, gpus, pending_timeout_s, "the base model's build task") as strategy:
+        task = ray.remote(num_cpus=cpus, num_gpus=gpus, scheduling_strategy=strategy)(_build_remote)
+        meta = _wait_interruptibly(task.remote(config.to_dict(), location, int(max(1, cpus)), gpus))
     return location, meta, True
 
 

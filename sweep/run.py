@@ -30,7 +30,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from importlib.metadata import PackageNotFoundError, version
 from importlib.resources import files
 from pathlib import Path
@@ -54,9 +54,12 @@ import ray  # noqa: E402
 
 from dashboards.poster_reference import poster_reference  # noqa: E402
 from search_spaces.schema import SearchSpace, SearchSpaceError, load_search_space  # noqa: E402
+from sweep import preflight, tracking  # noqa: E402
 from sweep import storage as sweep_storage  # noqa: E402
-from sweep import tracking  # noqa: E402
 from sweep.base_cache import ensure_base  # noqa: E402
+from sweep.early_stop import DEFAULT_MAP_MARGIN, DEFAULT_MIN_COMPLETED, EarlyStopRule  # noqa: E402
+from sweep.hypervolume import UNIT as HYPERVOLUME_UNIT  # noqa: E402
+from sweep.hypervolume import hypervolume, reference_point  # noqa: E402
 from trainables.base import (  # noqa: E402
     BaseConfig,
     add_base_arguments,
@@ -86,6 +89,9 @@ DEFAULT_SPACE = Path(__file__).resolve().parents[1] / "search_spaces" / "smoke.y
 #: 3 the trials ran and their results are in --storage, but MLflow went away mid-sweep (bring it back, then --sync).
 EXIT_USAGE = 2
 EXIT_TRACKING_BEHIND = 3
+#: 4 the base build task or the trials waited for resources longer than --pending-timeout; what finished is kept
+#: in --storage and --resume continues.
+EXIT_PENDING = 4
 #: Stopped by Ctrl-C (128 + SIGINT, as a shell reports it).
 EXIT_INTERRUPTED = 130
 
@@ -113,7 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="sweep/run.py",
         description=__doc__.split("\n\n")[0],
         epilog="exit status: 0 the sweep ran; 2 a bad value or input, refused before any trial started; "
-        "3 the trials ran but MLflow could not be updated (bring it back, then run with --sync)",
+        "3 the trials ran but MLflow could not be updated (bring it back, then run with --sync); "
+        "4 the base build or the trials waited for resources longer than --pending-timeout (results so far kept; "
+        "--resume continues); 130 Ctrl-C",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument(
@@ -131,6 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--gpus-per-trial", type=float, default=0, help="GPUs per trial; 0.5 puts two trials on a GPU"
+    )
+    p.add_argument(
+        "--cpu-only",
+        action="store_true",
+        help="run a real-data (poster-*) sweep on a cluster's CPUs on purpose (otherwise refused with "
+        "--gpus-per-trial 0)",
     )
     p.add_argument(
         "--storage",
@@ -155,6 +169,34 @@ def build_parser() -> argparse.ArgumentParser:
         "--ray-address", default=None, help="Ray cluster to join (default: auto on a cluster, else local)"
     )
     p.add_argument("--max-failures", type=int, default=2, help="retries of a failed trial")
+    p.add_argument(
+        "--early-stop",
+        action="store_true",
+        help="stop a trial after its prune stage when its projected (val mAP, file size) is dominated by the "
+        "front of the trials finished so far (docs/early-stopping.md)",
+    )
+    p.add_argument(
+        "--early-stop-min-completed",
+        type=int,
+        default=DEFAULT_MIN_COMPLETED,
+        metavar="N",
+        help="with --early-stop: trials that must have finished before any trial is stopped",
+    )
+    p.add_argument(
+        "--early-stop-map-margin",
+        type=float,
+        default=DEFAULT_MAP_MARGIN,
+        metavar="MAP",
+        help="with --early-stop: absolute val mAP a trial's projection is credited with before it is compared",
+    )
+    p.add_argument(
+        "--pending-timeout",
+        type=float,
+        default=preflight.DEFAULT_PENDING_TIMEOUT_S,
+        metavar="SECONDS",
+        help="stop the sweep (exit 4, results kept) when the base build waits this long for resources, or no "
+        "trial runs while some wait this long; 0 waits forever",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     # --lr would read as the trials' learning rate (a search-space parameter): the base's is --base-lr.
     add_base_arguments(p, steps_flag="--base-steps", lr_flag="--base-lr")
@@ -189,8 +231,15 @@ def check_datasets(base_config: BaseConfig) -> None:
         load_dataset(name, base_config.data_root)
 
 
+#: Set by the cluster files on every node, whose copy of the source has no .git: a hash of the synced files.
+CODE_VERSION_ENV = "VLADSWEEP_CODE_VERSION"
+
+
 def code_version() -> str:
-    """The installed package's version plus the checkout's short git commit, when there is one."""
+    """The installed package's version plus ``$VLADSWEEP_CODE_VERSION`` when set, else the checkout's short git
+    commit when there is one."""
+    if os.environ.get(CODE_VERSION_ENV):
+        return f"{_package_version()}+{os.environ[CODE_VERSION_ENV]}"
     try:
         sha = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],
@@ -201,11 +250,21 @@ def code_version() -> str:
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         sha = ""
-    try:
-        pkg = version("vladsweep")
-    except PackageNotFoundError:
-        pkg = "unknown"
+    pkg = _package_version()
     return f"{pkg}+{sha}" if sha else pkg
+
+
+def _package_version() -> str:
+    try:
+        return version("vladsweep")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def joins_cluster(address: str | None) -> bool:
+    """Whether `init_ray` will join a running cluster rather than start a local Ray: an address, ``RAY_ADDRESS``,
+    or the cluster `ray start` recorded on this machine (the head, under `ray submit`)."""
+    return bool(address or os.environ.get("RAY_ADDRESS") or ray._private.utils.read_ray_address())
 
 
 def init_ray(address: str | None, num_cpus: int | None = None) -> None:
@@ -285,22 +344,34 @@ def show_base(args: argparse.Namespace) -> int:
 
 def validate(args: argparse.Namespace) -> Plan:
     """Everything a user can get wrong, before Ray starts; raises `UsageError` (or the input's own error) with
-    what would work. Writes nothing but the storage's probe file, and only once everything else passed."""
+    what would work. Writes nothing but the storage's probe file and the sweep's lock (`preflight.SweepLock`,
+    held to the end of the process), and only once everything else passed."""
     if args.max_concurrent < 1:
         raise UsageError(f"--max-concurrent {args.max_concurrent}: must be at least 1")
+    early_stop_rule(args)
     if args.cpus_per_trial <= 0:
         raise UsageError(f"--cpus-per-trial {args.cpus_per_trial}: must be > 0 (a trial needs a CPU to run)")
     if args.gpus_per_trial < 0:
         raise UsageError(
             f"--gpus-per-trial {args.gpus_per_trial}: must be ≥ 0 (e.g. 1, or 0.5 to share a GPU)"
         )
+    if args.pending_timeout < 0:
+        raise UsageError(f"--pending-timeout {args.pending_timeout:g}: must be ≥ 0 seconds (0 waits forever)")
+    if not args.sync:  # --sync starts no Ray
+        on_cluster = joins_cluster(args.ray_address)
+        preflight.check_local_resources(args.cpus_per_trial, args.gpus_per_trial, on_cluster)
     space_path = resolve_space_path(args.search_space)
     space = load_search_space(space_path)
     num_samples = args.num_samples if args.num_samples is not None else space.num_samples
     if num_samples < 1:
         raise UsageError(f"--num-samples {num_samples}: must be at least 1")
-    base_config, _ = resolve_base(args)
+    base_config, preset = resolve_base(args)
+    if not args.sync:
+        preflight.check_gpus_for_preset(
+            preset, args.gpus_per_trial, args.cpu_only, joins_cluster(args.ray_address)
+        )
     check_groups(space, space_path, base_config)
+    check_whitening_dim(space, space_path, base_config)
     name = args.name or f"{space_path.stem}-{base_config.dataset}-{base_config.backbone}"
     tracking_uri = tracking.resolve_tracking_uri(args.mlflow_uri)
     # Before the storage probe: a refused start leaves nothing behind in the storage (not even the sweep's folder).
@@ -321,7 +392,11 @@ def validate(args: argparse.Namespace) -> Plan:
             f"--{'resume' if args.resume else 'sync'}: no sweep named {name!r} in {args.storage} "
             f"(looked for {storage.experiment_dir}/experiment_state*.json). Check --name and --storage."
         )
+    preflight.lock_sweep(storage)  # one sweep of a name at a time: one study, one MLflow parent
     check_datasets(base_config)
+    if not args.sync:  # --sync reads the stored results only
+        preflight.check_weights(base_config, storage)
+        preflight.check_base_inputs(base_config)
     return Plan(args, space, space_path, num_samples, base_config, name, tracking_uri, storage)
 
 
@@ -344,6 +419,49 @@ def check_groups(space: Any, space_path: Path, base_config: Any) -> None:
                 f"are {', '.join(available)}. Set groups: {','.join(available)} in the space (fixed or choices), "
                 "or pick a base with whitening (--whitening-dim N)"
             )
+
+
+def check_whitening_dim(space: Any, space_path: Path, base_config: Any) -> None:
+    """Every ``whitening_dim`` the space can give (choices, the top of an int range, or a fixed value) fits the
+    base's whitening: a trial keeps the first d PCA components, so d cannot exceed the base's ``whitening_dim``,
+    and a base without whitening has none to keep."""
+    spec = space.params.get("whitening_dim")
+    if spec is None:
+        values = [space.fixed.get("whitening_dim", TRIAL_PARAMS["whitening_dim"].default)]
+    else:
+        # An int range's largest value: its high, or the last step below it (Optuna never samples past that).
+        step = int(spec.step or 1)
+        top = None if spec.kind == "choices" else spec.low + (spec.high - spec.low) // step * step
+        values = list(spec.choices) if spec.kind == "choices" else [top]
+    have = base_config.whitening_dim
+    for value in (v for v in values if v is not None):  # None: the base's own whitening, whatever it is
+        if have is None:
+            raise UsageError(
+                f"{space_path}: whitening_dim = {value!r}, but the base ({base_config.backbone}, "
+                "whitening_dim=None) has no whitening to truncate. Drop whitening_dim from the space, or pick a "
+                "base with whitening (--whitening-dim N, N >= the space's largest whitening_dim)"
+            )
+        if value > have:
+            raise UsageError(
+                f"{space_path}: whitening_dim = {value!r} is larger than the base's whitening_dim = {have} "
+                f"({base_config.backbone}); a trial can keep at most the base's {have} PCA components. Use "
+                f"values <= {have} in the space, or build the base with --whitening-dim {value} or more"
+            )
+
+
+def early_stop_rule(args: argparse.Namespace) -> EarlyStopRule | None:
+    """The ``--early-stop`` rule from the flags, or None without ``--early-stop``; `UsageError` for a bad value."""
+    if not args.early_stop:
+        return None
+    try:
+        return EarlyStopRule(
+            map_margin=args.early_stop_map_margin, min_completed=args.early_stop_min_completed
+        )
+    except ValueError as exc:
+        raise UsageError(
+            f"--early-stop-map-margin {args.early_stop_map_margin} / --early-stop-min-completed "
+            f"{args.early_stop_min_completed}: {exc}"
+        ) from exc
 
 
 def _started_path(storage: sweep_storage.SweepStorage) -> tuple[Any, str]:
@@ -371,13 +489,19 @@ def start_ray(plan: Plan) -> None:
     """Join or start Ray, except for ``--sync``, which only reads Ray's files (and finds the base cached)."""
     if not plan.args.sync:
         init_ray(plan.args.ray_address)
+        # Now the nodes (and the autoscaler's node types) are known: a request none can hold is refused.
+        preflight.check_cluster_resources(plan.args.cpus_per_trial, plan.args.gpus_per_trial)
 
 
 def prepare_base(plan: Plan) -> Base:
     """The base model in the sweep's storage: found there, or built once as a Ray task with a trial's resources."""
     t0 = time.monotonic()
     location, meta, built = ensure_base(
-        plan.base_config, plan.storage, cpus=max(plan.args.cpus_per_trial, 1), gpus=plan.args.gpus_per_trial
+        plan.base_config,
+        plan.storage,
+        cpus=preflight.base_task_cpus(plan.args.cpus_per_trial),
+        gpus=plan.args.gpus_per_trial,
+        pending_timeout_s=plan.args.pending_timeout,
     )
     seconds = time.monotonic() - t0
     logger.info("base model ready in %.1f s (%s)", seconds, "built" if built else "cached")
@@ -399,6 +523,7 @@ def open_parent_run(plan: Plan, base: Base) -> ParentRun:
         "max_concurrent": args.max_concurrent,
         "cpus_per_trial": args.cpus_per_trial,
         "gpus_per_trial": args.gpus_per_trial,
+        "early_stop": asdict(rule) if (rule := early_stop_rule(args)) else False,
     }
     base_key = plan.base_config.key()
     run_id = tracking.start_parent_run(
@@ -420,12 +545,22 @@ def run_trials(plan: Plan, base: Base, parent: ParentRun) -> float | None:
     # Lazy: Ray Tune and Optuna take seconds to import, which a refused start (exit 2), --show and --sync never
     # need.
     from sweep.callbacks import TrialRunLogger
+    from sweep.early_stop_scheduler import ParetoEarlyStopping
     from sweep.tuner import build_tuner, restore_tuner
 
     args = plan.args
-    context = {"base_location": base.location, "data_root": plan.base_config.data_root, "seed": args.seed}
+    rule = early_stop_rule(args)
+    early_stop = ParetoEarlyStopping(rule) if rule else None
+    context = {
+        "base_location": base.location,
+        "data_root": plan.base_config.data_root,
+        "seed": args.seed,
+        "early_signal": early_stop is not None,
+    }
     if args.resume and plan.storage.has_experiment():
-        tuner = restore_tuner(plan.storage.experiment_dir, context, args.cpus_per_trial, args.gpus_per_trial)
+        tuner = restore_tuner(
+            plan.storage.experiment_dir, context, args.cpus_per_trial, args.gpus_per_trial, early_stop
+        )
     else:
         tuner = build_tuner(
             space=plan.space,
@@ -439,12 +574,21 @@ def run_trials(plan: Plan, base: Base, parent: ParentRun) -> float | None:
             seed=args.seed,
             optuna_url=plan.storage.optuna_url,
             callbacks=[
-                TrialRunLogger(plan.tracking_uri, parent.experiment_id, parent.run_id, parent.fixed_config)
+                TrialRunLogger(
+                    plan.tracking_uri,
+                    parent.experiment_id,
+                    parent.run_id,
+                    parent.fixed_config,
+                    hypervolume_reference=reference_point(base.meta),
+                ),
+                # Stateless: reports to preflight.watch_trials below (also when --resume brings it back).
+                preflight.PendingTrialsCallback(),
             ],
             max_failures=args.max_failures,
+            early_stop=early_stop,
         )
     t0 = time.monotonic()
-    with INTERRUPTS.tune_owns_first_ctrl_c():
+    with INTERRUPTS.tune_owns_first_ctrl_c(), preflight.watch_trials(args.pending_timeout):
         tuner.fit()
     return time.monotonic() - t0
 
@@ -467,6 +611,7 @@ def reconcile(plan: Plan, base: Base, parent: ParentRun, trial_seconds: float | 
             base=base.point(),
             reference=poster_reference(plan.base_config.backbone, plan.base_config.test_splits[0]),
             baselines=tracking.axis_baselines(base.meta),
+            hypervolume_reference=reference_point(base.meta),
         )
     except Exception as exc:
         outage = tracking_outage(plan.tracking_uri)
@@ -522,12 +667,21 @@ def print_front(
     front = sorted((r for r in rows if r.get("pareto")), key=lambda r: r[MEMORY_KEY])
     ok = sum(r["status"] == "ok" for r in rows)
     failed = sum(r["status"] == "failed" for r in rows)
-    print(f"\n{len(rows)} trials: {ok} completed, {failed} failed. Pareto front ({len(front)} points):")
+    stopped = sum(r["status"] == "stopped" for r in rows)
+    early = f", {stopped} stopped early (--early-stop)" if stopped else ""
+    print(
+        f"\n{len(rows)} trials: {ok} completed, {failed} failed{early}. Pareto front ({len(front)} points):"
+    )
     if searched is None:
         searched = sorted({k for r in front for k in r["config"]})
     if fixed:
         print("fixed: " + _fmt_config(fixed, sorted(fixed)))
     floor = zero_byte_floor(base_meta)
+    hv_memory, hv_map = hv_reference = reference_point(base_meta)
+    print(
+        f"hypervolume (val, ref memory={hv_memory:.4g} MiB, mAP={hv_map:.4f}): "
+        f"{hypervolume(rows, hv_reference):.4f} ({HYPERVOLUME_UNIT}; docs/hypervolume.md)"
+    )
     header = (
         f"{'trial':<8}{'memory_mib':>11}{'ratio':>8}{'val mAP':>9}{'drop':>8}{'test mAP':>10}{'drop':>8}"
         "   "
@@ -583,7 +737,9 @@ def report(plan: Plan, rows: list[dict[str, Any]], base: Base, parent: ParentRun
         searched=list(plan.space.params),
         fixed=dict(plan.space.fixed),
     )
-    unfinished = [r for r in rows if r["status"] not in ("ok", "failed")]
+    from sweep.results import ENDED_STATUSES  # loaded already by reconcile; lazy like it
+
+    unfinished = [r for r in rows if r["status"] not in ENDED_STATUSES]
     if unfinished:
         print(
             f"\n{len(unfinished)} trials did not finish; continue with: --resume --name {plan.name} "
@@ -678,10 +834,10 @@ def kept_after_interrupt(phase: str, plan: Plan | None) -> str:
         return f"the base model in {plan.storage.root} (no trial had started)"
     rows_note = ""
     with suppress(Exception):
-        from sweep.results import collect_rows
+        from sweep.results import ENDED_STATUSES, collect_rows
 
         rows = collect_rows(where)
-        done = sum(r["status"] in ("ok", "failed") for r in rows)
+        done = sum(r["status"] in ENDED_STATUSES for r in rows)
         rows_note = f"{done} finished trial(s) of {len(rows)}, the others' stage checkpoints, "
     if phase == "running the trials":
         return f"{rows_note}the Optuna study and the base model, in {where}"
@@ -710,7 +866,7 @@ def _run(args: argparse.Namespace, state: dict[str, Any]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The command line; returns the exit status (see ``EXIT_USAGE``, ``EXIT_TRACKING_BEHIND``,
+    """The command line; returns the exit status (see ``EXIT_USAGE``, ``EXIT_TRACKING_BEHIND``, ``EXIT_PENDING``,
     ``EXIT_INTERRUPTED``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
@@ -741,12 +897,22 @@ def main(argv: list[str] | None = None) -> int:
         tracking.TrackingError,
         sweep_storage.StorageError,
         DatasetError,
+        preflight.PreflightError,
     ) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except TrackingBehind as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_TRACKING_BEHIND
+    except preflight.PendingTimeout as exc:
+        _stop_ray()
+        kept = kept_after_interrupt(INTERRUPTS.phase, state.get("plan"))
+        print(
+            f"error: {exc}\nkept {kept}. Continue with: {resume_command(argv)}", file=sys.stderr, flush=True
+        )
+        return EXIT_PENDING
+    finally:
+        preflight.release_sweep_locks()
 
 
 if __name__ == "__main__":

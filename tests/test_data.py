@@ -258,6 +258,9 @@ def test_registry(tmp_path):
         "paris6k",
         "roxford5k",
         "rparis6k",
+        "synthetic-large-train",
+        "synthetic-large-val",
+        "synthetic-large-test",
     } == set(DATASETS)
     with pytest.raises(ValueError, match="known datasets: synthetic-train, synthetic-val, synthetic-test"):
         load_dataset("holidays")

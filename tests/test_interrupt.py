@@ -109,6 +109,7 @@ def test_ctrl_c_during_base_build_and_trials_then_resume_finishes(tmp_path, tiny
         assert resume[-1] == "--resume" and resume[:2] == command[:2], resume
         _no_ray_left(ray_tmpdir)
         _no_unfinished_base(storage)
+        assert not list(storage.glob("_base/*/meta.json")), "the stopped build left a finished-looking base"
 
         # 2. --resume builds the base and starts the trials; Ctrl-C once a trial has reported a stage.
         term = Terminal(resume, tmp_path, ray_tmpdir, "2-trials")
@@ -121,6 +122,7 @@ def test_ctrl_c_during_base_build_and_trials_then_resume_finishes(tmp_path, tiny
         _stopped_within(term, term.ctrl_c(), "during the trials")
         out = term.output
         assert "interrupted while running the trials" in out, out[-4000:]
+        assert "building the base model" in out and "not rebuilt" not in out, out[-4000:]  # built anew
         assert _continue_command(out) == resume
         _no_ray_left(ray_tmpdir)
         _no_unfinished_base(storage)

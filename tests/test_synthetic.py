@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,10 +12,12 @@ import pytest
 from PIL import Image
 
 from trainables.data.oxford import load_original
-from trainables.data.registry import load_dataset
+from trainables.data.registry import SYNTHETIC_VARIANTS, load_dataset
 from trainables.data.synthetic import (
+    QUERIES_PER_PLACE,
     REGIONS,
     VERSION,
+    SyntheticSpec,
     build_split,
     ensure_synthetic,
     synthetic_root,
@@ -137,3 +140,79 @@ def test_concurrent_builders_and_stale_folder(tmp_path):
     assert manifest["digest"] == tree_digest(stale) and manifest["seed"] == 3
     leftovers = [p.name for p in tmp_path.iterdir() if p.name != stale.name and not p.name.endswith(".lock")]
     assert leftovers == []
+
+
+# ------------------------------------------------------------------------------ variants (SyntheticSpec)
+
+
+def _digests(folder: Path) -> set[str]:
+    import hashlib
+
+    return {hashlib.sha256(p.read_bytes()).hexdigest() for p in (folder / "jpg").iterdir()}
+
+
+def test_default_spec_is_the_embedded_set(cache, tmp_path):
+    """The embedded set's cache folder and bytes do not depend on SyntheticSpec: the tests above pin its
+    difficulty, and every cached copy stays valid."""
+    assert SyntheticSpec().tag() == "" and SyntheticSpec().is_default
+    assert synthetic_root(cache, 0, SyntheticSpec()) == synthetic_root(cache, 0)
+    build_split(tmp_path / "val", "val", seed=0, spec=SyntheticSpec())
+    assert tree_digest(tmp_path / "val") == tree_digest(synthetic_root(cache, 0) / "val")
+
+
+def test_a_larger_training_split_keeps_every_embedded_view(cache, tmp_path):
+    """More views per place and per distractor: the embedded set's views reappear byte for byte (a view's pixels
+    depend on its seed keys only), the ground truth reads as Oxford's, and the folder is the spec's own."""
+    spec = SyntheticSpec(train_place_views=12, train_distractor_views=30)
+    summary = build_split(tmp_path / "train", "train", seed=0, spec=spec)
+    assert summary["images"] == 11 * (5 + 12) + 7 * 30
+    ds = load_original(tmp_path / "train", "synthetic-train")
+    assert len(ds.images) == summary["images"] and len(ds.queries) == 55
+    assert _digests(synthetic_root(cache, 0) / "train") < _digests(tmp_path / "train")
+    assert synthetic_root(cache, 0, spec).name == f"synthetic-v{VERSION}-s0-tp12-td30-px200-256"
+    embedded = json.loads((synthetic_root(cache, 0) / "manifest.json").read_text())["splits"]["train"]
+    assert summary["labels"]["good"] > embedded["labels"]["good"]
+
+
+def test_image_size_is_a_parameter(tmp_path):
+    build_split(tmp_path / "test", "test", seed=0, spec=SyntheticSpec(min_side=96, max_side=128))
+    sides = set()
+    for path in (tmp_path / "test" / "jpg").iterdir():
+        with Image.open(path) as im:
+            sides.add(max(im.size))
+    assert min(sides) >= 96 and max(sides) <= 128 and len(sides) > 1
+
+
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        ({"min_side": 300, "max_side": 200}, "min_side=300, max_side=200"),
+        ({"min_side": 16}, "32 <= min_side"),
+        ({"train_distractor_views": 0}, "train_distractor_views must be an integer >= 1, got 0"),
+    ],
+)
+def test_bad_spec_is_refused_with_the_field_named(kwargs, words):
+    with pytest.raises(ValueError, match=re.escape(words)):
+        SyntheticSpec(**kwargs)
+
+
+def test_registry_large_variant_is_big_enough_for_pca_4096():
+    """synthetic-large's training split holds more than the 4,097 images PCA-4096 needs (counted from its spec;
+    the slow test below builds it)."""
+    spec = SyntheticSpec(**SYNTHETIC_VARIANTS["synthetic-large"])
+    places = sum(r.landmark for r in REGIONS["train"])
+    distractors = len(REGIONS["train"]) - places
+    n = places * (QUERIES_PER_PLACE + spec.views("train", True)) + distractors * spec.views("train", False)
+    assert n >= 4200
+    assert spec.views("val", False) == SyntheticSpec().views("val", False)  # validation and test stay small
+
+
+@pytest.mark.slow
+def test_synthetic_large_loads_with_its_val_and_test_equal_to_the_embedded_ones(cache, tmp_path):
+    train = load_dataset("synthetic-large-train", data_root=tmp_path)
+    assert len(train.images) >= 4200 and len(train.queries) == 55
+    spec = SyntheticSpec(**SYNTHETIC_VARIANTS["synthetic-large"])
+    for split in ("val", "test"):
+        assert tree_digest(synthetic_root(tmp_path, 0, spec) / split) == tree_digest(
+            synthetic_root(cache, 0) / split
+        )

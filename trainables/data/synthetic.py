@@ -20,7 +20,14 @@ views (own random cameras, own images) of the training places: there are not eno
 of places, so validation shares places with train and none with test. Everything is small (longest
 side 200-256 px) so a tiny CNN on two CPU cores extracts a split in seconds.
 
-Cache: `<cache_dir>/synthetic-v1-s<seed>` where cache_dir defaults to `trainables.fileio.user_cache_dir()`
+Variants (`SyntheticSpec`): the defaults are the embedded set; other specs enlarge the training split (more
+views per place and per distractor place, for PCA whitening at the poster's 4096 dimensions, which needs more
+than 4096 training images) and change the image size. A view's pixels depend only on its seed keys, so every view
+of the embedded set reappears, byte for byte, in a larger variant with the same image size (under another name).
+The registry names them (`trainables.data.registry.SYNTHETIC_VARIANTS`: ``synthetic-large-train`` etc.).
+
+Cache: `<cache_dir>/synthetic-v2-s<seed>` (other specs: `synthetic-v2-s<seed>-<SyntheticSpec.tag()>`) where
+cache_dir defaults to `trainables.fileio.user_cache_dir()`
 (`$VLADSWEEP_CACHE` or `~/.cache/vladsweep`). The folder is built in a temporary sibling and renamed into place
 (`trainables.fileio.atomic_directory`), under a best-effort file lock, so concurrent callers (e.g. Ray trials
 starting together) never see a half-written set.
@@ -32,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import importlib.util
@@ -60,6 +68,52 @@ VIEWS_PER_PLACE = 10  # db views besides the query images: 4 mild, 4 strong, 2 p
 VIEWS_PER_DISTRACTOR = 24
 MARGIN = 0.12  # context around a place's core box, as a fraction of the region
 MIN_SIDE, MAX_SIDE = 200, 256
+#: The mode of each database view of a place, in view order (cycled when a spec asks for more views).
+PLACE_VIEW_MODES = ("mild",) * 4 + ("strong",) * 4 + ("partial",) * 2
+
+
+@dataclass(frozen=True)
+class SyntheticSpec:
+    """What a generated set holds besides its seed; the defaults are the embedded set (its cache folder and bytes
+    do not depend on this class). Only the training split grows: validation and test keep the embedded set's view
+    counts, so evaluating a model on a larger variant costs what it costs on the embedded set. The image size
+    applies to every split."""
+
+    #: Database views of each training place besides its queries (modes cycle through `PLACE_VIEW_MODES`).
+    train_place_views: int = VIEWS_PER_PLACE
+    #: Views of each training distractor place (alternately strong and mild).
+    train_distractor_views: int = VIEWS_PER_DISTRACTOR
+    #: Range of the longest image side in pixels (each view draws its own).
+    min_side: int = MIN_SIDE
+    max_side: int = MAX_SIDE
+
+    def __post_init__(self) -> None:
+        for name in ("train_place_views", "train_distractor_views"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"SyntheticSpec.{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        if not (isinstance(self.min_side, int) and isinstance(self.max_side, int)) or not (
+            32 <= self.min_side <= self.max_side
+        ):
+            raise ValueError(
+                f"SyntheticSpec sides must be integers with 32 <= min_side <= max_side, got "
+                f"min_side={self.min_side!r}, max_side={self.max_side!r}"
+            )
+
+    @property
+    def is_default(self) -> bool:
+        return self == SyntheticSpec()
+
+    def tag(self) -> str:
+        """The cache folder suffix of a non-default spec ('' for the embedded set)."""
+        if self.is_default:
+            return ""
+        return f"tp{self.train_place_views}-td{self.train_distractor_views}-px{self.min_side}-{self.max_side}"
+
+    def views(self, split: str, landmark: bool) -> int:
+        """Views per place (besides its queries) or per distractor place in ``split``."""
+        if split != "train":
+            return VIEWS_PER_PLACE if landmark else VIEWS_PER_DISTRACTOR
+        return self.train_place_views if landmark else self.train_distractor_views
 
 
 @dataclass(frozen=True)
@@ -248,9 +302,14 @@ def _homography(src: np.ndarray, dst: np.ndarray) -> ProjectiveTransform | None:
 
 
 def _render(
-    rng: np.random.Generator, canvas: np.ndarray, mode_name: str, fills: list[np.ndarray]
+    rng: np.random.Generator,
+    canvas: np.ndarray,
+    mode_name: str,
+    fills: list[np.ndarray],
+    sides: tuple[int, int] = (MIN_SIDE, MAX_SIDE),
 ) -> tuple[np.ndarray, tuple[float, float, float, float], float]:
-    """One camera view of a region: (uint8 image, core box in the image, visible fraction of the core box)."""
+    """One camera view of a region: (uint8 image, core box in the image, visible fraction of the core box); the
+    longest side is drawn from ``sides`` (inclusive)."""
     mode = _MODES[mode_name]
     zoom, jitter, rot, persp, occl_p = mode[:5]
     ch, cw = canvas.shape[:2]
@@ -261,7 +320,7 @@ def _render(
     lo, hi = _VISIBLE[mode_name]
 
     for _ in range(50):
-        side = int(rng.integers(MIN_SIDE, MAX_SIDE + 1))
+        side = int(rng.integers(sides[0], sides[1] + 1))
         short = round(side * 0.75)
         w, h = (side, short) if rng.random() < 0.6 else (short, side)
         scale = rng.uniform(*zoom) * max(core_w, core_h) / max(w, h)  # canvas px per output px
@@ -321,8 +380,10 @@ def _label(mode: str, visible: float) -> str:
     return "ok"
 
 
-def build_split(root: Path, split: str, seed: int) -> dict:
-    """Write one split (`jpg/`, `gt/`) into `root`; returns its summary for the manifest."""
+def build_split(root: Path, split: str, seed: int, spec: SyntheticSpec | None = None) -> dict:
+    """Write one split (`jpg/`, `gt/`) of ``spec`` (None: the embedded set) into `root`; returns its summary for
+    the manifest."""
+    spec = spec or SyntheticSpec()
     split_id = SPLITS.index(split)
     regions = REGIONS[split]
     canvases = {r.name: _load_canvas(r) for r in regions}
@@ -335,10 +396,12 @@ def build_split(root: Path, split: str, seed: int) -> dict:
     for r in regions:
         if r.landmark:
             views += [(r, "query", k) for k in range(QUERIES_PER_PLACE)]
-            plan = ["mild"] * 4 + ["strong"] * 4 + ["partial"] * 2
-            views += [(r, m, QUERIES_PER_PLACE + k) for k, m in enumerate(plan[:VIEWS_PER_PLACE])]
+            n = spec.views(split, landmark=True)
+            plan = [PLACE_VIEW_MODES[k % len(PLACE_VIEW_MODES)] for k in range(n)]
+            views += [(r, m, QUERIES_PER_PLACE + k) for k, m in enumerate(plan)]
         else:
-            views += [(r, "mild" if k % 2 else "strong", k) for k in range(VIEWS_PER_DISTRACTOR)]
+            n = spec.views(split, landmark=False)
+            views += [(r, "mild" if k % 2 else "strong", k) for k in range(n)]
     order = np.random.default_rng([seed, split_id, 7919]).permutation(len(views))
     numbers = {int(v): n + 1 for n, v in enumerate(order)}
 
@@ -350,7 +413,11 @@ def build_split(root: Path, split: str, seed: int) -> dict:
         region_id = regions.index(r)
         rng = np.random.default_rng([seed, split_id, region_id, k])  # per view: independent of build order
         img, box, visible = _render(
-            rng, canvases[r.name], mode, [f for f in fills if f is not canvases[r.name]]
+            rng,
+            canvases[r.name],
+            mode,
+            [f for f in fills if f is not canvases[r.name]],
+            (spec.min_side, spec.max_side),
         )
         name = f"{r.name}_{numbers[v]:06d}"
         (root / "jpg" / f"{name}.jpg").write_bytes(_jpeg_bytes(img, int(rng.integers(70, 96))))
@@ -379,10 +446,12 @@ def build_split(root: Path, split: str, seed: int) -> dict:
 # --------------------------------------------------------------------------------------------------- caching
 
 
-def synthetic_root(cache_dir: Path | None = None, seed: int = 0) -> Path:
-    """Where the set for ``seed`` lives: ``<cache_dir>/synthetic-v<VERSION>-s<seed>`` (default: the user cache)."""
+def synthetic_root(cache_dir: Path | None = None, seed: int = 0, spec: SyntheticSpec | None = None) -> Path:
+    """Where the set for ``seed`` lives: ``<cache_dir>/synthetic-v<VERSION>-s<seed>`` (default: the user cache),
+    with ``-<spec.tag()>`` appended for a spec other than the embedded set's."""
     base = Path(cache_dir).expanduser() if cache_dir is not None else user_cache_dir()
-    return base / f"synthetic-v{VERSION}-s{seed}"
+    tag = spec.tag() if spec is not None else ""
+    return base / (f"synthetic-v{VERSION}-s{seed}" + (f"-{tag}" if tag else ""))
 
 
 def tree_digest(root: Path) -> str:
@@ -413,13 +482,16 @@ def _is_complete(root: Path) -> bool:
     return (root / "manifest.json").is_file()
 
 
-def build_synthetic(dest: Path, seed: int = 0) -> dict:
-    """Write the whole set (both splits and `manifest.json`) into the empty or absent folder `dest`."""
+def build_synthetic(dest: Path, seed: int = 0, spec: SyntheticSpec | None = None) -> dict:
+    """Write the whole set (every split and `manifest.json`) of ``spec`` (None: the embedded set) into the empty
+    or absent folder `dest`."""
     t0 = time.perf_counter()
-    splits = {s: build_split(dest / s, s, seed) for s in SPLITS}
+    splits = {s: build_split(dest / s, s, seed, spec) for s in SPLITS}
     manifest = {
         "version": VERSION,
         "seed": seed,
+        # Only for other specs: the embedded set's manifest keeps its keys.
+        **({"spec": dataclasses.asdict(spec)} if spec is not None and not spec.is_default else {}),
         "splits": splits,
         "digest": tree_digest(dest),
         "build_seconds": round(time.perf_counter() - t0, 2),
@@ -428,13 +500,14 @@ def build_synthetic(dest: Path, seed: int = 0) -> dict:
     return manifest
 
 
-def ensure_synthetic(cache_dir: Path | None = None, seed: int = 0) -> Path:
-    """Return the root of the synthetic set for `seed` (with `train/` and `test/`), building it on first use.
+def ensure_synthetic(cache_dir: Path | None = None, seed: int = 0, spec: SyntheticSpec | None = None) -> Path:
+    """Return the root of the synthetic set for `seed` and ``spec`` (None: the embedded set; with `train/`,
+    `val/` and `test/`), building it on first use.
 
     `cache_dir` defaults to `$VLADSWEEP_CACHE` or `~/.cache/vladsweep`. Safe to call from several processes at
     once: the set is built in a temporary folder and renamed into place, so a reader sees all of it or none.
     """
-    root = synthetic_root(cache_dir, seed)
+    root = synthetic_root(cache_dir, seed, spec)
     if _is_complete(root):
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
@@ -443,7 +516,7 @@ def ensure_synthetic(cache_dir: Path | None = None, seed: int = 0) -> Path:
             return root
         # A folder without manifest was not written by us (the rename is atomic): it is moved aside. Losing a race
         # without a lock is fine too: the winner's copy is identical, so ours is dropped.
-        atomic_directory(root, lambda tmp: build_synthetic(tmp, seed), is_complete=_is_complete)
+        atomic_directory(root, lambda tmp: build_synthetic(tmp, seed, spec), is_complete=_is_complete)
     return root
 
 
@@ -453,8 +526,21 @@ def main(argv: list[str] | None = None) -> int:
         "--cache-dir", type=Path, default=None, help="default: $VLADSWEEP_CACHE or ~/.cache/vladsweep"
     )
     parser.add_argument("--seed", type=int, default=0)
+    default = SyntheticSpec()
+    g = parser.add_argument_group("variant (SyntheticSpec; the defaults are the embedded set)")
+    for field in dataclasses.fields(SyntheticSpec):
+        g.add_argument(
+            "--" + field.name.replace("_", "-"),
+            type=int,
+            default=getattr(default, field.name),
+            help="%(default)s",
+        )
     args = parser.parse_args(argv)
-    root = ensure_synthetic(args.cache_dir, args.seed)
+    try:
+        spec = SyntheticSpec(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SyntheticSpec)})
+    except ValueError as exc:
+        parser.error(str(exc))
+    root = ensure_synthetic(args.cache_dir, args.seed, spec)
     manifest = json.loads((root / "manifest.json").read_text())
     print(root)
     for split, s in manifest["splits"].items():
