@@ -30,6 +30,7 @@ from sweep_harness import (
 )
 
 from trainables.contract import FINAL_STAGE, MAP_KEY, STAGES
+from trainables.devices import ALLOW_CPU_ENV
 
 pytestmark = pytest.mark.slow
 
@@ -204,9 +205,12 @@ def _interval(results: list[dict]) -> tuple[float, float]:
     return results[0]["timestamp"] - results[0]["time_this_iter_s"], results[-1]["timestamp"]
 
 
-def test_declared_gpus_are_shared_by_halves_and_held_whole(sweep_storage, tiny_space, tmp_path):
+def test_declared_gpus_are_shared_by_halves_and_held_whole(sweep_storage, tiny_space, tmp_path, monkeypatch):
     """One declared GPU (``num_gpus=1``; no CUDA needed — Ray only schedules it) and 2 CPUs: at 0.5 GPU a trial,
     two trials run at once, both on GPU 0; at 1 GPU a trial they never overlap."""
+    # The GPU is only declared: let its trials run on the CPU where torch has no CUDA (refused otherwise). Set
+    # before the cluster starts, so its raylet, and every trial worker it spawns, inherits it.
+    monkeypatch.setenv(ALLOW_CPU_ENV, "1")
     mlflow_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     with (
         private_ray_tmpdir() as ray_tmp,

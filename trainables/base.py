@@ -40,7 +40,7 @@ from trainables.contract import TEST_MAP_KEY, VAL_MAP_KEY
 from trainables.data.registry import load_dataset
 from trainables.data.tuples import TripletMiner
 from trainables.fileio import atomic_directory
-from trainables.netvlad.backbones import BACKBONES
+from trainables.netvlad.backbones import BACKBONES, FINETUNED_LAYERS
 from trainables.netvlad.model import NetVLADConfig, NetVLADModel, build_netvlad, fit_whitening, init_clusters
 from trainables.progress import counting_calls
 from trainables.progress import progress as progress_bar
@@ -53,6 +53,15 @@ log = logging.getLogger(__name__)
 
 #: Bump when the build procedure changes so cached bases keyed by `BaseConfig.key()` are rebuilt.
 BASE_FORMAT_VERSION = 2
+#: ``--data-root``'s default: the cluster files export it on every node (the laptop that runs `ray submit` would
+#: expand a ``~`` in the flag to its own home).
+DATA_ROOT_ENV = "VLADSWEEP_DATA_ROOT"
+#: The ``weights`` value that asks for a random init in so many words (stored as None, so the key is the same).
+RANDOM_WEIGHTS = "random"
+#: How often a trial re-mines hard negatives (`retrain_fn`): 0 = once, with the dense base, on its first step. A
+#: re-mining describes every training anchor and the negative pool (a pass over paris6k at 1024 px on VGG16),
+#: and negatives mined with the base stay hard for its compressed copies.
+TRIAL_REFRESH_EVERY = 0
 MODEL_FILE = "model.safetensors"
 META_FILE = "meta.json"
 
@@ -63,6 +72,8 @@ META_FILE = "meta.json"
 #: places.
 PROTOCOLS: dict[str, tuple[str, list[str], list[str]]] = {
     "synthetic": ("synthetic-train", ["synthetic-val"], ["synthetic-test"]),
+    # The same set with 4,225 training images (trainables.data.registry.SYNTHETIC_VARIANTS): enough for PCA-4096.
+    "synthetic-large": ("synthetic-large-train", ["synthetic-large-val"], ["synthetic-large-test"]),
     "paris6k": ("paris6k", ["paris6k"], ["oxford5k"]),
     "oxford5k": ("oxford5k", ["oxford5k"], ["paris6k"]),
     "rparis6k": ("rparis6k", ["rparis6k"], ["roxford5k"]),
@@ -105,6 +116,9 @@ class BaseConfig:
     def __post_init__(self) -> None:
         if self.dataset not in PROTOCOLS:
             raise ValueError(f"dataset={self.dataset!r} is not one of {', '.join(PROTOCOLS)}")
+        if self.weights == RANDOM_WEIGHTS:
+            self.weights = None
+        self._check_weights()
         # Validates backbone / num_clusters / whitening_dim with the model's own rules.
         NetVLADConfig(self.backbone, self.num_clusters, self.whitening_dim, self.weights)
         for name in ("image_size", "batch_size", "num_negatives", "num_positives", "kmeans_images"):
@@ -112,6 +126,23 @@ class BaseConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.steps < 0 or not self.lr > 0:
             raise ValueError(f"need steps >= 0 and lr > 0, got steps={self.steps}, lr={self.lr}")
+
+    def _check_weights(self) -> None:
+        # AlexNet/VGG16 fine-tune conv5 only (FINETUNED_LAYERS): from a random init the frozen layers stay random
+        # for the whole sweep, and every mAP it measures is that of noise features. No opt-in: a base without
+        # pretrained weights is only meaningful for a backbone that trains every layer.
+        tuned = FINETUNED_LAYERS.get(self.backbone)
+        if self.weights is None and tuned is not None:
+            raise ValueError(
+                f"backbone {self.backbone} with random weights: only its layers {', '.join(tuned)} (conv5) are "
+                "fine-tuned, the others are frozen and would stay random. Pass --weights imagenet (torchvision's "
+                "file in the torch hub cache, never downloaded) or --weights PATH (a state-dict file); without "
+                f"pretrained weights use a backbone that trains every layer (--backbone tiny or efficientnet_lite0 "
+                f"with --weights {RANDOM_WEIGHTS})"
+            )
+        # tiny is the one backbone without ImageNet weights (it exists only for CPU demos and tests).
+        if self.weights == "imagenet" and self.backbone == "tiny":
+            raise ValueError(f"backbone tiny has no ImageNet weights: pass --weights {RANDOM_WEIGHTS}")
 
     @property
     def train_split(self) -> str:
@@ -171,9 +202,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The tests' base: the tiny CNN with a short fine-tune, so a test sweep builds it in seconds.
     "tiny-test": {"steps": 10},
     # The poster's models: K=64 clusters over conv5, PCA-4096 whitening, full-size images (GPU jobs).
+    # ImageNet weights: conv1-4 stay frozen (trainables/netvlad/backbones.py FINETUNED_LAYERS).
     "poster-alexnet": {
         "dataset": "paris6k",
         "backbone": "alexnet",
+        "weights": "imagenet",
         "num_clusters": 64,
         "whitening_dim": 4096,
         "image_size": 1024,
@@ -181,6 +214,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "poster-vgg16": {
         "dataset": "paris6k",
         "backbone": "vgg16",
+        "weights": "imagenet",
         "num_clusters": 64,
         "whitening_dim": 4096,
         "image_size": 1024,
@@ -236,12 +270,18 @@ def add_base_arguments(
         choices=list(PROTOCOLS),
         help="training set of the base (cross protocol: Paris trains -> Oxford tests, and the reverse)",
     )
-    g.add_argument("--data-root", default=None, help="folder holding the datasets (not needed for synthetic)")
+    g.add_argument(
+        "--data-root",
+        default=None,
+        help=f"folder holding the datasets (not needed for synthetic; default: ${DATA_ROOT_ENV}, set on cluster "
+        "nodes)",
+    )
     g.add_argument("--backbone", default=None, choices=list(BACKBONES), help="backbone CNN")
     g.add_argument(
         "--weights",
         default=None,
-        help="backbone weights: 'imagenet' (torchvision cache, never downloads) or a state-dict path",
+        help="backbone weights: 'imagenet' (torchvision cache, never downloads), a state-dict path or "
+        f"'{RANDOM_WEIGHTS}' (only for backbones that train every layer: tiny, efficientnet_lite0)",
     )
     g.add_argument("--num-clusters", type=int, default=None, help="NetVLAD clusters K")
     g.add_argument("--whitening-dim", type=int, default=None, help="PCA whitening dimension (0 = none)")
@@ -272,7 +312,11 @@ def base_config_from_args(args: argparse.Namespace) -> tuple[BaseConfig, str]:
     if args.whitening_dim is not None:
         overrides["whitening_dim"] = args.whitening_dim or None  # 0 = no whitening
     config = preset_config(preset, overrides)
-    if config.dataset != "synthetic" and not config.data_root:
+    if not config.dataset.startswith("synthetic") and not config.data_root and os.environ.get(DATA_ROOT_ENV):
+        config = dataclasses.replace(config, data_root=os.environ[DATA_ROOT_ENV])
+    if config.data_root:  # a quoted '~/data' means the home of the machine the sweep runs on
+        config = dataclasses.replace(config, data_root=os.path.expanduser(config.data_root))
+    if not config.dataset.startswith("synthetic") and not config.data_root:
         raise ValueError(
             f"--dataset {config.dataset} needs --data-root (the folder that holds {config.dataset}/)"
         )
@@ -491,10 +535,13 @@ def retrain_fn(
     *,
     device: torch.device,
     distill: bool = True,
+    refresh_every: int | None = TRIAL_REFRESH_EVERY,
 ) -> Callable[..., list[float]]:
     """The ``train_fn`` that retrains compressed copies of ``base`` (every stage of a trial, and the recipe
     benchmark): the base's triplet settings, and the dense base itself (copied now, before any stage changes the
-    model) as the teacher the copies are pulled towards."""
+    model) as the teacher the copies are pulled towards. Hard negatives are mined once per ``train_fn`` (one per
+    trial), on its first step (`TRIAL_REFRESH_EVERY`); ``refresh_every=N`` re-mines every N steps of the trial,
+    None once per pass over the anchors (what the base fine-tune does)."""
     cfg = meta["config"]
     return make_train_fn(
         miner,
@@ -504,6 +551,7 @@ def retrain_fn(
         batch_size=cfg["batch_size"],
         margin=cfg["margin"],
         teacher=copy.deepcopy(base) if distill else None,
+        refresh_every=refresh_every,
     )
 
 

@@ -2,8 +2,18 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
+
+#: Set to 1 to let a process that holds a GPU share run on the CPU when torch sees no CUDA (a Ray cluster whose
+#: GPUs are only declared, as the tests' clusters are). Never set on a real GPU cluster.
+ALLOW_CPU_ENV = "VLADSWEEP_ALLOW_CPU_FALLBACK"
+
+
+class NoCudaError(RuntimeError):
+    """The process holds a GPU share but torch cannot use CUDA; running on the CPU would be silently slow."""
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -13,14 +23,39 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def _why_no_cuda(gpus: float) -> str:
+    """What a user needs to see to find why CUDA is missing where Ray granted a GPU."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    build = f"torch {torch.__version__}, " + (
+        f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build (no CUDA in it)"
+    )
+    return (
+        f"Ray granted this process {gpus:g} GPU but torch cannot use CUDA: torch.cuda.is_available() = False, "
+        f"CUDA_VISIBLE_DEVICES = {visible!r}, {build}. Refusing to run on the CPU instead. Check the node's "
+        "NVIDIA driver (nvidia-smi) and that its torch is a CUDA build; to run on CPUs on purpose, pass "
+        f"--gpus-per-trial 0 (and --cpu-only on a cluster), or set {ALLOW_CPU_ENV}=1 where the GPUs are only "
+        "declared to Ray."
+    )
+
+
 def select_device(gpus: float) -> torch.device:
-    """CUDA when the trial holds a GPU share and this worker's torch sees CUDA, else the CPU.
+    """CUDA when the process holds a GPU share (``gpus > 0``), the CPU when it holds none.
+
+    Raises `NoCudaError` with the reason (the share, ``CUDA_VISIBLE_DEVICES``, ``torch.cuda.is_available()``,
+    the torch build) when it holds a share but torch cannot use CUDA: falling back to the CPU would run a GPU
+    sweep many times slower, and only the trial's ``device`` tag would tell. ``$VLADSWEEP_ALLOW_CPU_FALLBACK=1``
+    allows that fallback (GPUs only declared to Ray, as in the tests).
 
     Ray gives a trial with ``gpus < 1`` a share of one card that other trials use too (``--gpus-per-trial 0.5``
     puts two on it); Ray only counts shares, so cap this process's CUDA memory to its share, or one trial can take
     the memory the other needs.
     """
-    device = torch.device("cuda" if gpus > 0 and torch.cuda.is_available() else "cpu")
-    if device.type == "cuda" and gpus < 1:
+    if gpus <= 0:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        if os.environ.get(ALLOW_CPU_ENV) == "1":
+            return torch.device("cpu")
+        raise NoCudaError(_why_no_cuda(gpus))
+    if gpus < 1:
         torch.cuda.set_per_process_memory_fraction(gpus)
-    return device
+    return torch.device("cuda")

@@ -124,9 +124,9 @@ def train_triplet(
     ``miner``: a `TripletMiner` (``refresh(describe)``, ``sample(batch_size)``, ``num_positives``,
     ``image_size``). Each step takes ``batch_size`` tuples, embeds all their images in one forward pass, and
     minimizes the mean triplet loss (+ ``extra_loss()``). Hard negatives are re-mined with the current model at
-    step 0 and then every ``refresh_every`` steps (None: once per pass over the miner's anchors); ``step_offset``
-    continues a count of earlier calls (re-mine when ``step_offset + step`` is a multiple of ``refresh_every``,
-    and at step 0 if the miner was never refreshed).
+    step 0 and then every ``refresh_every`` steps (None: once per pass over the miner's anchors; 0: never again
+    once the miner was mined); ``step_offset`` continues a count of earlier calls (re-mine when ``step_offset +
+    step`` is a multiple of ``refresh_every``, and at step 0 if the miner was never refreshed).
     ``optimizer``: ``"adam"`` or ``"sgd"`` (with ``momentum``); ``relative_lr``: each tensor's learning rate is
     ``lr`` times its RMS at the start (see the module docstring). A penalty with a ``proximal`` method is applied
     by its proximal step after each optimizer step, with each tensor's learning rate as the step size; its value
@@ -151,8 +151,8 @@ def train_triplet(
         raise ValueError("the model has no parameter with requires_grad=True: nothing to train")
     if refresh_every is None:
         refresh_every = max(1, math.ceil(len(miner) / batch_size))
-    if refresh_every < 1:
-        raise ValueError(f"refresh_every must be >= 1 (or None), got {refresh_every}")
+    if refresh_every < 0:
+        raise ValueError(f"refresh_every must be >= 1, 0 (mine once) or None, got {refresh_every}")
     param_groups = _param_groups(params, lr, relative_lr)
     if optimizer == "adam":
         opt: torch.optim.Optimizer = torch.optim.Adam(param_groups, lr=lr)
@@ -175,7 +175,7 @@ def train_triplet(
         bar = tqdm(total=steps, desc="triplet fine-tune", unit="step", leave=False)
     try:
         for step in range(steps):
-            if (step_offset + step) % refresh_every == 0 or (
+            if (refresh_every and (step_offset + step) % refresh_every == 0) or (
                 step == 0 and not getattr(miner, "refreshes", 0)
             ):
                 model.eval()
@@ -229,8 +229,9 @@ def make_train_fn(miner: Any, lr: float, **kwargs: Any) -> Callable[..., list[fl
 
     The steps of successive calls are counted together for re-mining: the stages of one trial re-mine hard
     negatives every ``refresh_every`` steps of the trial, not at the start of every stage (a re-mining describes
-    some 400 images, several times the cost of a stage's training steps on the embedded model; negatives mined
-    with the base stay hard for its compressed copies).
+    every anchor and the negative pool, some 400 images on the synthetic set, several times the cost of a stage's
+    training steps on the embedded model). ``refresh_every=0`` mines once, on the first call, and never again:
+    what a trial does (`trainables.base.retrain_fn`).
 
     Safer than ``functools.partial(train_triplet, miner=..., lr=...)``, which cannot be called positionally as
     ``train_fn(model, steps, extra_loss)`` because ``miner`` comes second in `train_triplet`.
