@@ -207,10 +207,11 @@ def score(rows: list[dict[str, Any]], meta: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def spread(values: list[float]) -> str:
+def spread(values: list[float], digits: int = 4) -> str:
+    """Mean ± half the range (the spread over seeds), or the one value."""
     if len(values) == 1:
-        return f"{values[0]:.4f}"
-    return f"{statistics.mean(values):.4f} ± {(max(values) - min(values)) / 2:.4f}"
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {(max(values) - min(values)) / 2:.{digits}f}"
 
 
 def seconds_to_reach(curve: list[tuple[int, float, float]], target: float) -> float | None:
@@ -227,7 +228,7 @@ def table(results: dict[str, list[dict[str, Any]]]) -> str:
             f"| {strategy} | {len(runs)} | {spread([r['val_hv'] for r in runs])} | "
             f"{spread([r['test_hv'] for r in runs])} | "
             f"{statistics.mean(r['trials'] for r in runs):.1f} ({statistics.mean(r['stopped'] for r in runs):.1f}) | "
-            f"{spread([r['trial_seconds'] for r in runs]).replace('.0000', '')} |"
+            f"{spread([r['trial_seconds'] for r in runs], digits=0)} |"
         )
     if "tpe" in results and "tpe-es" in results:
         lines.append("")

@@ -59,7 +59,7 @@ DATA_ROOT_ENV = "VLADSWEEP_DATA_ROOT"
 #: The ``weights`` value that asks for a random init in so many words (stored as None, so the key is the same).
 RANDOM_WEIGHTS = "random"
 #: How often a trial re-mines hard negatives (`retrain_fn`): 0 = once, with the dense base, on its first step. A
-#: re-mining describes every training anchor and the negative pool (a pass over paris6k at 1024 px on VGG16),
+#: re-mining describes every training anchor and the negative pool (a pass over paris6k on VGG16),
 #: and negatives mined with the base stay hard for its compressed copies.
 TRIAL_REFRESH_EVERY = 0
 MODEL_FILE = "model.safetensors"
@@ -96,8 +96,12 @@ class BaseConfig:
     #: ~80% of the parameters, as in the paper models. 256 <= 332, the rank the 333 synthetic train images allow.
     num_clusters: int = 32
     whitening_dim: int | None = 256
-    #: Longest image side for evaluation and k-means; training tuples are image_size x image_size squares.
+    #: Longest image side for evaluation, extraction and k-means.
     image_size: int = 128
+    #: Side of the square training tuples (base fine-tune, hard-negative mining, a trial's retraining); None =
+    #: ``image_size``. A step holds (1 + P + N) x batch_size images in memory at once, so training can need a
+    #: smaller size than evaluation (benchmarks/RESULTS.md, "Training fit"). None is left out of `key()`.
+    train_image_size: int | None = None
     #: Tuned on the synthetic set (benchmarks/RESULTS.md): Adam at 1e-3 or 3e-4 first wrecks the random tiny
     #: features (test mAP 48 -> 26 / 33 after 50 steps); 1e-4 climbs steadily, 300 steps fit the CPU budget.
     steps: int = 300
@@ -124,6 +128,10 @@ class BaseConfig:
         for name in ("image_size", "batch_size", "num_negatives", "num_positives", "kmeans_images"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.train_image_size is not None and self.train_image_size < 1:
+            raise ValueError(
+                f"train_image_size must be >= 1 or None (= image_size), got {self.train_image_size}"
+            )
         if self.steps < 0 or not self.lr > 0:
             raise ValueError(f"need steps >= 0 and lr > 0, got steps={self.steps}, lr={self.lr}")
 
@@ -143,6 +151,11 @@ class BaseConfig:
         # tiny is the one backbone without ImageNet weights (it exists only for CPU demos and tests).
         if self.weights == "imagenet" and self.backbone == "tiny":
             raise ValueError(f"backbone tiny has no ImageNet weights: pass --weights {RANDOM_WEIGHTS}")
+
+    @property
+    def train_size(self) -> int:
+        """Side of the square training images (`train_image_size`, else `image_size`)."""
+        return train_image_size(self.to_dict())
 
     @property
     def train_split(self) -> str:
@@ -176,6 +189,8 @@ class BaseConfig:
         """Stable 16-hex hash of everything that changes the model (not ``data_root``)."""
         d = self.to_dict()
         d.pop("data_root")
+        if d["train_image_size"] is None:  # the default: keys of configs from before the field stay the same
+            d.pop("train_image_size")
         d["format_version"] = BASE_FORMAT_VERSION
         blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -201,8 +216,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {},
     # The tests' base: the tiny CNN with a short fine-tune, so a test sweep builds it in seconds.
     "tiny-test": {"steps": 10},
-    # The poster's models: K=64 clusters over conv5, PCA-4096 whitening, full-size images (GPU jobs).
+    # The poster's models: K=64 clusters over conv5, PCA-4096 whitening, evaluated at full size (GPU jobs).
     # ImageNet weights: conv1-4 stay frozen (trainables/netvlad/backbones.py FINETUNED_LAYERS).
+    # AlexNet trains at 1024 too: the fit table (benchmarks/RESULTS.md, "Training fit on a 24 GB A10G") has its
+    # trial (every layer retrains) at 23 / 10 tuples of 1024² in fp32 on a whole / half A10G, above the batch of 4.
     "poster-alexnet": {
         "dataset": "paris6k",
         "backbone": "alexnet",
@@ -218,6 +235,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "num_clusters": 64,
         "whitening_dim": 4096,
         "image_size": 1024,
+        # cirtorch's VGG16 training size. At 1024² a VGG16 trial fits 1 tuple on a whole A10G (fp32); at 384² it
+        # fits 8 whole / 3 on half a GPU (the fit table): batch 4 at 362² needs --gpus-per-trial 1.
+        "train_image_size": 362,
     },
 }
 
@@ -285,7 +305,18 @@ def add_base_arguments(
     )
     g.add_argument("--num-clusters", type=int, default=None, help="NetVLAD clusters K")
     g.add_argument("--whitening-dim", type=int, default=None, help="PCA whitening dimension (0 = none)")
-    g.add_argument("--image-size", type=int, default=None, help="longest image side (training: squares)")
+    g.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="longest image side for evaluation (and training, by default)",
+    )
+    g.add_argument(
+        "--train-image-size",
+        type=int,
+        default=None,
+        help="side of the square training images (fine-tune, mining, trial retraining; default: --image-size)",
+    )
     g.add_argument(
         steps_flag, dest="steps", type=int, default=None, help="triplet fine-tune steps of the base"
     )
@@ -304,6 +335,7 @@ def base_config_from_args(args: argparse.Namespace) -> tuple[BaseConfig, str]:
         "weights",
         "num_clusters",
         "image_size",
+        "train_image_size",
         "steps",
         "lr",
         "seed",
@@ -401,7 +433,7 @@ def build_base(
     t = time.perf_counter()
     miner = TripletMiner(
         train,
-        config.image_size,
+        config.train_size,
         num_negatives=config.num_negatives,
         neg_pool_size=config.neg_pool_size,
         seed=config.seed,
@@ -555,12 +587,18 @@ def retrain_fn(
     )
 
 
+def train_image_size(config: Mapping[str, Any]) -> int:
+    """The training square side of a base config dict (`BaseConfig.to_dict`, a base meta's ``config``): its
+    ``train_image_size``, else its ``image_size`` (also for bases recorded before the field existed)."""
+    return int(config.get("train_image_size") or config["image_size"])
+
+
 def trial_miner(meta: Mapping[str, Any], data_root: str | None, seed: int) -> TripletMiner:
-    """The hard-negative miner of the base's training split with the base's tuple settings."""
+    """The hard-negative miner of the base's training split with the base's tuple settings (and training size)."""
     cfg = meta["config"]
     return TripletMiner(
         load_dataset(meta["train_split"], data_root),
-        int(cfg["image_size"]),
+        train_image_size(cfg),
         num_negatives=cfg["num_negatives"],
         neg_pool_size=cfg["neg_pool_size"],
         num_positives=cfg["num_positives"],

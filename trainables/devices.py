@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -59,3 +60,13 @@ def select_device(gpus: float) -> torch.device:
     if gpus < 1:
         torch.cuda.set_per_process_memory_fraction(gpus)
     return torch.device("cuda")
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """Mixed precision where it pays: ``torch.autocast`` in bfloat16 on a CUDA device that has it (Ampere and
+    later: the A10G of cluster/gpu.yaml), no change elsewhere (the CPU keeps its float32 numerics). bfloat16, not
+    float16: it has float32's range, so the backward needs no loss scaling (a GradScaler in every training loop);
+    a CUDA device without bfloat16 runs in float32."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()

@@ -23,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from trainables.data.images import ImageReadError, load_image
-from trainables.devices import model_device
+from trainables.devices import autocast, model_device
 from trainables.netvlad.backbones import BACKBONE_DIMS, BACKBONES, build_backbone
 from trainables.netvlad.layers import NetVLAD
 from trainables.netvlad.whitening import learn_whitening
@@ -84,14 +84,38 @@ class NetVLADModel(nn.Module):
     def out_dim(self) -> int:
         return self.config.out_dim
 
+    def frozen_prefix(self) -> int:
+        """How many leading backbone modules have no trainable parameter (conv1-4 of AlexNet/VGG16 in the base)."""
+        for i, layer in enumerate(self.backbone):
+            if any(p.requires_grad for p in layer.parameters()):
+                return i
+        return len(self.backbone)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """The backbone's conv5 output, float32 (B, D, h, w).
+
+        Training runs the frozen prefix (`frozen_prefix`) under ``torch.no_grad()``: nothing there needs a
+        gradient, so none of its activations are kept for the backward, whatever the input. On CUDA the backbone
+        (the FLOPs and the activation memory) runs under `trainables.devices.autocast`; NetVLAD, the whitening
+        and the loss stay float32."""
+        with autocast(images.device):
+            start = self.frozen_prefix() if self.training and torch.is_grad_enabled() else 0
+            if start:
+                with torch.no_grad():
+                    x = self.backbone[:start](images)
+                x = self.backbone[start:](x)
+            else:
+                x = self.backbone(images)
+        return x.float()
+
     def local_descriptors(self, images: torch.Tensor) -> torch.Tensor:
         """L2-normalized conv5 descriptors, (B, H*W, D): what NetVLAD pools and k-means clusters."""
-        x = self.backbone(images)
+        x = self.features(images)
         return F.normalize(x, p=2, dim=1).flatten(2).transpose(1, 2)
 
     def vlad(self, images: torch.Tensor) -> torch.Tensor:
         """The NetVLAD vector before whitening, (B, K*D), L2-normalized."""
-        return self.pool(self.backbone(images))
+        return self.pool(self.features(images))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         v = self.vlad(images)
