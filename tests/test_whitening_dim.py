@@ -22,7 +22,14 @@ from sweep.run import UsageError, build_parser, check_whitening_dim, validate
 from trainables.base import preset_config
 from trainables.compression.codec import load_compressed, save_compressed
 from trainables.compression.prune import apply_mask
-from trainables.contract import ARTIFACT_FILE, MEMORY_KEY, STATE_FILE, TRIAL_PARAMS, WHITENING_DIM_KEY
+from trainables.contract import (
+    ARTIFACT_FILE,
+    MEMORY_KEY,
+    RATIO_KEY,
+    STATE_FILE,
+    TRIAL_PARAMS,
+    WHITENING_DIM_KEY,
+)
 from trainables.data.images import load_image
 from trainables.data.registry import load_dataset
 from trainables.netvlad.model import NetVLADConfig, NetVLADModel, fit_whitening, init_clusters
@@ -250,6 +257,12 @@ def test_a_trial_with_half_the_whitening_ships_d_rows_in_a_smaller_file(sweep_st
         assert tuple(decoded.whiten.weight.shape) == (rows, decoded.config.vlad_dim)
         assert final[MEMORY_KEY] == pytest.approx(os.path.getsize(artifact) / 2**20, rel=0, abs=1e-12)
     assert shipped[128][1][MEMORY_KEY] < shipped[None][1][MEMORY_KEY]
+    # The ratio is against the dense base the user has (256 whitening rows), not the truncated model: its
+    # dense fp32 bytes are the same in both trials.
+    dense = {
+        asked: final[RATIO_KEY] * os.path.getsize(artifact) for asked, (artifact, final) in shipped.items()
+    }
+    assert dense[128] == pytest.approx(dense[None], rel=1e-9)
 
     client = mlflow.MlflowClient(uri)
     exp = client.get_experiment_by_name("vladsweep-whitening")

@@ -7,11 +7,14 @@ the same outputs.
 
 - ``kmeans`` (Deep Compression): 2^b shared values per layer, linear init over [min, max] of the kept weights, exact
   Lloyd over all of them (``kmeans1d``), then *trained*: the parametrization's trainable tensor is the codebook
-  itself (``module.parametrizations.weight.original``, shape (2^b,)), the indices are fixed buffers, so autograd sums
-  each cluster's gradients into its centroid and pruned weights stay exactly 0.
+  itself (``module.parametrizations.weight.original``, shape (2^b,)), the indices are fixed buffers (the smallest
+  integer dtype for 2^b), and the backward sums each cluster's gradients into its centroid (a weighted ``bincount``,
+  `_CodebookGather`); pruned weights stay exactly 0.
 - ``uniform``: 2^b levels evenly spaced over [min, max] of the kept weights, fixed at quantization time. The latent
   full-precision weight is the trainable tensor; the forward uses its nearest level, the backward passes the
   gradient straight through (masked, so pruned latent weights get none).
+
+Without autograd (evaluation) the weight is built once and reused until its inputs change (`_EvalCache`).
 
 A frozen weight (``requires_grad=False``) stays frozen: parametrize keeps the weight's ``Parameter`` object as the
 trainable tensor (kmeans: its data becomes the codebook), so its ``requires_grad`` carries over.
@@ -49,6 +52,85 @@ class QuantView:
     mode: str
 
 
+def index_dtype(k: int) -> torch.dtype:
+    """The smallest dtype that holds indices ``0..k-1``: up to 8 bits a stored index costs 1 byte instead of int32's
+    4 (the VGG16 whitening has 134M of them)."""
+    return torch.uint8 if k <= 1 << 8 else torch.int16 if k <= 1 << 15 else torch.int32
+
+
+_CHUNK = 1 << 22
+
+
+def _chunks(*tensors: torch.Tensor):
+    """Matching flat chunks of same-shaped tensors."""
+    flat = [t.reshape(-1) for t in tensors]
+    for start in range(0, flat[0].numel(), _CHUNK):
+        yield tuple(f[start : start + _CHUNK] for f in flat)
+
+
+def _lookup(codebook: torch.Tensor, indices: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``codebook[indices] * mask.to(float32)``, bit for bit (``x * 1.0``, ``x * 0.0``), as one weight-sized tensor:
+    chunk by chunk, so neither an int64 copy of the indices nor a float copy of the mask is made."""
+    out = torch.empty(indices.shape, dtype=codebook.dtype, device=codebook.device)
+    for o, idx, keep in _chunks(out, indices, mask):
+        torch.index_select(codebook, 0, idx.to(torch.int32), out=o)
+        o.mul_(keep)
+    return out
+
+
+class _CodebookGather(torch.autograd.Function):
+    """``codebook[indices] * mask`` whose backward is a weighted ``bincount`` (each cluster's summed, masked
+    gradient, accumulated in float64 chunk by chunk) instead of autograd's index backward, which sorts an int64
+    copy of every index (gigabytes for the whitening)."""
+
+    @staticmethod
+    def forward(ctx: Any, codebook: torch.Tensor, indices: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(indices, mask)
+        ctx.k = codebook.numel()
+        return _lookup(codebook, indices, mask)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        indices, mask = ctx.saved_tensors
+        total = torch.zeros(ctx.k, dtype=torch.float64, device=grad.device)
+        for g, idx, keep in _chunks(grad, indices, mask):
+            total += torch.bincount(idx, weights=g.double().mul_(keep), minlength=ctx.k)
+        return total.to(grad.dtype), None, None
+
+
+class _EvalCache:
+    """The last weight a parametrization built without autograd, reused while its inputs are the same tensors at
+    the same versions (an optimizer step or ``load_state_dict`` bumps the version): evaluation forwards then do not
+    rebuild a 134M-entry weight per batch. Dropped on the first forward with autograd (training), so it holds no
+    memory there."""
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._value: torch.Tensor | None = None
+
+    def get(self, build, *inputs: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            self.clear()
+            return build()
+        # Inference tensors must not leak into no_grad code that may later save them for backward.
+        key = (torch.is_inference_mode_enabled(),) + tuple(
+            (t.device, t.data_ptr(), t._version, t.shape) for t in inputs
+        )
+        if self._key != key or self._value is None:
+            self.clear()  # free the old weight before building the new one
+            self._value, self._key = build(), key
+        return self._value
+
+    def clear(self) -> None:
+        self._key = self._value = None
+
+    def __deepcopy__(self, memo: dict) -> _EvalCache:
+        return _EvalCache()
+
+    def __getstate__(self) -> dict:
+        return {"_key": None, "_value": None}
+
+
 class KMeansWeight(nn.Module):
     """Parametrization ``codebook -> codebook[indices] * mask``; its trainable input is the (2^bits,) codebook."""
 
@@ -57,17 +139,22 @@ class KMeansWeight(nn.Module):
     def __init__(self, indices: torch.Tensor, mask: torch.Tensor, bits: int, codebook: torch.Tensor) -> None:
         super().__init__()
         self.bits = bits
-        # int32: indexing accepts it and it halves the memory of int64 (the VGG16 whitening has 134M indices).
-        self.register_buffer("indices", indices.to(torch.int32))
+        self.register_buffer("indices", indices.to(index_dtype(2**bits)))
         self.register_buffer("mask", mask.to(torch.bool))
         # The Lloyd result: what an empty cluster keeps in ``right_inverse``. Not saved: it is only used there.
         self.register_buffer("fallback", codebook.to(torch.float32), persistent=False)
         # Handed out by the first right_inverse call (the registration): the Lloyd codebook as it is, without a
         # pass over every weight to recompute it.
         self._pending: torch.Tensor | None = self.fallback
+        self._cache = _EvalCache()
 
     def forward(self, codebook: torch.Tensor) -> torch.Tensor:
-        return codebook[self.indices] * self.mask.to(torch.float32)
+        return self._cache.get(
+            lambda: _CodebookGather.apply(codebook, self.indices, self.mask),
+            codebook,
+            self.indices,
+            self.mask,
+        )
 
     def right_inverse(self, weight: torch.Tensor) -> torch.Tensor:
         """The least-squares codebook for ``weight`` with the indices fixed: each cluster's mean over kept entries
@@ -85,16 +172,6 @@ class KMeansWeight(nn.Module):
             counts += torch.bincount(idx, minlength=k)
         means = (sums / counts.clamp(min=1)).to(torch.float32)
         return torch.where(counts > 0, means, self.fallback.to(weight.device))
-
-
-_CHUNK = 1 << 22
-
-
-def _chunks(*tensors: torch.Tensor):
-    """Matching flat chunks of same-shaped tensors."""
-    flat = [t.reshape(-1) for t in tensors]
-    for start in range(0, flat[0].numel(), _CHUNK):
-        yield tuple(f[start : start + _CHUNK] for f in flat)
 
 
 def _gather(w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -124,13 +201,20 @@ def _masked_mse(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> float:
     return sq / n if n else 0.0
 
 
-def _uniform_indices(weight: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
-    """Nearest level of the evenly spaced ``codebook`` for every entry of ``weight`` (int64)."""
+def _uniform_indices(
+    weight: torch.Tensor, codebook: torch.Tensor, dtype: torch.dtype = torch.int64
+) -> torch.Tensor:
+    """Nearest level of the evenly spaced ``codebook`` for every entry of ``weight`` (as ``dtype``), chunk by chunk
+    (the float quotient and its rounding stay chunk-sized). Rounding, not ``bucketize`` on midpoints: a midpoint
+    computed in float32 would not land exactly where ``round`` puts a tie, and the levels must not change."""
     lo = codebook[0]
     step = (codebook[-1] - lo) / (codebook.numel() - 1) if codebook.numel() > 1 else torch.ones_like(lo)
+    out = torch.zeros(weight.shape, dtype=dtype, device=weight.device)
     if step == 0:
-        return torch.zeros(weight.shape, dtype=torch.int64, device=weight.device)
-    return torch.round((weight - lo) / step).clamp_(0, codebook.numel() - 1).to(torch.int64)
+        return out
+    for o, w in _chunks(out, weight.detach()):
+        o.copy_(torch.round((w - lo) / step).clamp_(0, codebook.numel() - 1))
+    return out
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -139,12 +223,13 @@ class _StraightThrough(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, weight: torch.Tensor, codebook: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(mask)
-        return codebook[_uniform_indices(weight, codebook)] * mask.to(torch.float32)
+        indices = _uniform_indices(weight, codebook, index_dtype(codebook.numel()))
+        return _lookup(codebook, indices, mask)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         (mask,) = ctx.saved_tensors
-        return grad * mask.to(grad.dtype), None, None
+        return grad.mul(mask), None, None  # == grad * mask.to(float32), without the float mask
 
 
 class UniformWeight(nn.Module):
@@ -157,9 +242,12 @@ class UniformWeight(nn.Module):
         self.bits = bits
         self.register_buffer("codebook", codebook.to(torch.float32))
         self.register_buffer("mask", mask.to(torch.bool))
+        self._cache = _EvalCache()
 
     def forward(self, latent: torch.Tensor) -> torch.Tensor:
-        return _StraightThrough.apply(latent, self.codebook, self.mask)
+        return self._cache.get(
+            lambda: _StraightThrough.apply(latent, self.codebook, self.mask), latent, self.codebook, self.mask
+        )
 
 
 def _our_parametrization(module: nn.Module) -> KMeansWeight | UniformWeight | None:
@@ -264,6 +352,7 @@ def quantize_module(module: nn.Module, mode: str, bits: int, *, kmeans_iters: in
     if mse is None:
         with torch.no_grad():
             mse = _masked_mse(module.weight, w, mask)
+        param._cache.clear()  # not held while the next layers are quantized
     return {
         "mode": mode,
         "bits": bits,
