@@ -10,6 +10,7 @@ head restores the MLflow backup. The last test runs cluster/head_services.sh for
 from __future__ import annotations
 
 import copy
+import json
 import os
 import re
 import sqlite3
@@ -272,3 +273,82 @@ def test_head_services_refuses_unknown_commands():
     assert result.returncode == 2
     assert "usage" in result.stderr
     assert all(word in result.stderr for word in ("start", "stop", "status", "backup"))
+
+
+PERMISSIONS_SECTION = "### Permissions the head needs to launch workers"
+
+
+def passrole_check() -> str:
+    commands = [c for c in load("gpu.yaml")["head_setup_commands"] if "iam:PassRole" in c]
+    assert len(commands) == 1, (
+        "gpu.yaml's head setup no longer checks that the head may pass the workers' role"
+    )
+    return commands[0]
+
+
+def test_gpu_head_setup_checks_it_may_pass_the_workers_role_as_the_docs_say():
+    command = passrole_check()
+    assert subprocess.run(["bash", "-n", "-c", command], capture_output=True).returncode == 0
+    assert "aws ec2 run-instances --dry-run" in command
+    docs = (REPO / "docs" / "cluster.md").read_text()
+    assert PERMISSIONS_SECTION in docs.splitlines()
+    anchor = "#" + PERMISSIONS_SECTION.lstrip("# ").lower().replace(" ", "-")
+    assert f"docs/cluster.md{anchor}" in command, "the warning must point at the docs section"
+    assert f"]({anchor})" in docs, "docs/cluster.md step 2 must link the permissions section"
+    policy = json.loads(
+        re.search(r"```json\n(.*?)```", docs[docs.index(PERMISSIONS_SECTION) :], re.S).group(1)
+    )
+    passrole = [s for s in policy["Statement"] if s["Action"] == "iam:PassRole"]
+    assert passrole and passrole[0]["Resource"].endswith(":role/ray-autoscaler-v1")
+    assert (
+        "ray-autoscaler-v1"
+        in load("gpu.yaml")["available_node_types"]["ray.worker.gpu1"]["node_config"]["IamInstanceProfile"][
+            "Arn"
+        ]
+    )
+
+
+@pytest.mark.parametrize(
+    ("answer", "expected"),
+    [
+        (
+            "An error occurred (UnauthorizedOperation) when calling the RunInstances operation",
+            "WARNING vladsweep",
+        ),
+        ("An error occurred (DryRunOperation) when calling the RunInstances operation", "may launch"),
+        ("Unable to locate credentials", "could not check"),
+        (None, None),  # no aws CLI on the head
+    ],
+    ids=["refused", "allowed", "cannot-ask", "no-aws-cli"],
+)
+def test_passrole_check_warns_and_never_fails_ray_up(tmp_path, answer, expected):
+    """The head setup command for real in bash, with a fake `aws` and a fake instance metadata `curl` (the cloud)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "curl").write_text(
+        '#!/bin/bash\ncase "${@: -1}" in */api/token) echo tok;; */mac) echo 0a:1b;; */region) echo us-east-1;;\n'
+        "*/ami-id) echo ami-123;; */subnet-id) echo subnet-456;; esac\n"
+    )
+    if answer is not None:
+        (bin_dir / "aws").write_text(
+            f'#!/bin/bash\necho "$*" >> "$HOME/aws.log"\necho "{answer}" >&2\nexit 254\n'
+        )
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    (tmp_path / "ray_bootstrap_config.yaml").write_text(yaml.safe_dump(load("gpu.yaml")))
+    env = dict(HOME=str(tmp_path), PATH=f"{bin_dir}:{Path(sys.executable).parent}:/usr/bin:/bin")
+    result = subprocess.run(
+        ["bash", "-c", passrole_check()], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    if answer is None:
+        assert result.stdout == "" and not (tmp_path / "aws.log").exists()
+        return
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 2 and all(expected in line for line in lines), result.stdout  # one per worker type
+    if expected == "WARNING vladsweep":
+        assert all("iam:PassRole" in line and "#permissions-the-head" in line for line in lines)
+    calls = (tmp_path / "aws.log").read_text().splitlines()
+    assert {c.split("--instance-type ")[1].split()[0] for c in calls} == {"g5.xlarge", "g5.12xlarge"}
+    profile = "Arn=arn:aws:iam::YOUR-ACCOUNT-ID:instance-profile/ray-autoscaler-v1"
+    assert all("--dry-run" in c and profile in c and "ami-123" in c and "subnet-456" in c for c in calls)

@@ -31,6 +31,7 @@ from trainables.netvlad import (
 from trainables.netvlad.backbones import efficientnet_lite0_features
 from trainables.netvlad.fold_bn import FoldError, fold_batchnorm
 from trainables.netvlad.layers import alpha_rule
+from trainables.netvlad.whitening import _top_components_numpy, _top_components_torch
 
 
 def reference_netvlad(x: torch.Tensor, conv_w: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
@@ -198,6 +199,43 @@ def test_whitening_dim_too_large_names_images_and_dim():
     x = np.random.default_rng(0).normal(size=(20, 64))
     with pytest.raises(WhiteningError, match=r"cannot learn 30-d whitening from 20 training images.*<= 19"):
         learn_whitening(x, 30)
+
+
+@pytest.mark.parametrize(("n", "d"), [(15, 40), (60, 12)], ids=["gram", "covariance"])
+def test_torch_eigendecomposition_matches_the_numpy_one(n, d):
+    """The CUDA path's torch code, run here on the CPU, against the numpy code the CPU path keeps using."""
+    rng = np.random.default_rng(3)
+    x = (rng.normal(size=(n, d)) * np.linspace(3, 0.5, d) + 1.0).astype(np.float32)
+    out = 10
+    mu, e, vals = _top_components_numpy(x.astype(np.float64), out)
+    mu_t, e_t, vals_t = _top_components_torch(x, out, torch.device("cpu"))
+    np.testing.assert_allclose(mu_t, mu, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(vals_t, vals, rtol=1e-9)
+    np.testing.assert_allclose(np.abs(e_t.T @ e), np.eye(out), atol=1e-9)  # eigenvectors: up to sign
+    # A CPU device is today's numpy path, bit for bit.
+    for got, want in zip(learn_pca_whitening(x, out, device="cpu"), learn_pca_whitening(x, out), strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.gpu
+def test_cuda_whitening_matches_the_host_one_and_lands_on_the_model_device():
+    rng = np.random.default_rng(4)
+    n, d, out = 300, 2048, 64  # the Gram path, as for real VLAD vectors
+    x = (rng.normal(size=(n, d)) * np.linspace(2, 0.1, d)).astype(np.float32)
+    mu, e, lam = learn_pca_whitening(x, out)
+    mu_c, e_c, lam_c = learn_pca_whitening(x, out, device="cuda")
+    np.testing.assert_allclose(mu_c, mu, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(lam_c, lam, rtol=1e-8)
+    np.testing.assert_allclose(np.abs(e_c.T @ e), np.eye(out), atol=1e-7)
+    torch.manual_seed(0)
+    model = NetVLADModel(NetVLADConfig("tiny", num_clusters=2, whitening_dim=None)).cuda().eval()
+    vlad = rng.normal(size=(40, model.config.vlad_dim)).astype(np.float32)
+    lin = fit_whitening(model, vlad, out_dim=8)
+    assert lin.weight.device.type == "cuda" and model.whiten is lin
+    host = learn_whitening(vlad, 8)
+    np.testing.assert_allclose(
+        np.abs(lin.weight.cpu().numpy()), np.abs(host.weight.detach().numpy()), rtol=1e-4, atol=1e-6
+    )
 
 
 def test_fit_whitening_installs_layer_and_rebuild_matches():

@@ -294,7 +294,8 @@ def fit_whitening(model: NetVLADModel, vlad_vectors: np.ndarray, out_dim: int | 
             f"VLAD vectors must have shape (n, {model.config.vlad_dim}) (the output of model.vlad), "
             f"got {vlad_vectors.shape}"
         )
-    lin = learn_whitening(vlad_vectors, out_dim).to(model_device(model))
+    device = model_device(model)
+    lin = learn_whitening(vlad_vectors, out_dim, device=device).to(device)
     model.whiten = lin
     model.config.whitening_dim = out_dim
     return lin
