@@ -170,6 +170,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-failures", type=int, default=2, help="retries of a failed trial")
     p.add_argument(
+        "--search-seed",
+        type=int,
+        default=None,
+        help="seed of the Optuna sampler (default: the search space's sampler.seed); --seed seeds data and "
+        "training, and is part of the base model's key",
+    )
+    p.add_argument(
         "--early-stop",
         action="store_true",
         help="stop a trial after its prune stage when its projected (val mAP, file size) is dominated by the "
@@ -449,6 +456,12 @@ def check_whitening_dim(space: Any, space_path: Path, base_config: Any) -> None:
             )
 
 
+def search_seed(plan: Plan) -> int:
+    """The sampler's seed: ``--search-seed``, else the search space file's ``sampler.seed``. Apart from ``--seed``,
+    which is part of the base's key: a new search seed must not rebuild the base."""
+    return plan.args.search_seed if plan.args.search_seed is not None else plan.space.sampler.seed
+
+
 def early_stop_rule(args: argparse.Namespace) -> EarlyStopRule | None:
     """The ``--early-stop`` rule from the flags, or None without ``--early-stop``; `UsageError` for a bad value."""
     if not args.early_stop:
@@ -518,6 +531,7 @@ def open_parent_run(plan: Plan, base: Base) -> ParentRun:
         "search_space_file": str(plan.space_path),
         "base": base.meta.get("config", {}),
         "seed": args.seed,
+        "search_seed": search_seed(plan),
         "code_version": code_version(),
         "num_samples": plan.num_samples,
         "max_concurrent": args.max_concurrent,
@@ -571,7 +585,7 @@ def run_trials(plan: Plan, base: Base, parent: ParentRun) -> float | None:
             max_concurrent=args.max_concurrent,
             cpus_per_trial=args.cpus_per_trial,
             gpus_per_trial=args.gpus_per_trial,
-            seed=args.seed,
+            seed=search_seed(plan),
             optuna_url=plan.storage.optuna_url,
             callbacks=[
                 TrialRunLogger(

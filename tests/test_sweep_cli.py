@@ -127,3 +127,23 @@ def test_system_deps_says_what_to_run_when_it_may_not_install(tmp_path):
     )
     assert proc.returncode == 10, proc.stderr
     assert "sudo apt-get install -y" in proc.stderr and "rsync" in proc.stderr and "chromium" in proc.stderr
+
+
+def test_the_sampler_seed_is_the_space_files_unless_search_seed_is_given(tmp_path):
+    """``--seed`` is part of the base's key, so the sampler's seed is apart from it: the space file's
+    ``sampler.seed`` by default, ``--search-seed`` when given (a benchmark over sampler seeds reuses one base)."""
+    from types import SimpleNamespace
+
+    from search_spaces.schema import load_search_space
+    from sweep.run import build_parser, search_seed
+
+    space_file = tmp_path / "space.yaml"
+    space_file.write_text(
+        "description: seeds\nsampler: {type: random, seed: 7}\nnum_samples: 2\n"
+        "params:\n  bits: {int: [2, 8]}\n"
+    )
+    space = load_search_space(space_file)
+    args = build_parser().parse_args(["--seed", "3"])
+    assert search_seed(SimpleNamespace(args=args, space=space)) == 7
+    args = build_parser().parse_args(["--seed", "3", "--search-seed", "11"])
+    assert search_seed(SimpleNamespace(args=args, space=space)) == 11

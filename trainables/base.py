@@ -321,7 +321,9 @@ def add_base_arguments(
         steps_flag, dest="steps", type=int, default=None, help="triplet fine-tune steps of the base"
     )
     g.add_argument(lr_flag, dest="lr", type=float, default=None, help="learning rate of the base fine-tune")
-    g.add_argument("--seed", type=int, default=0, help="seed for data, training (and a sweep's sampler)")
+    g.add_argument(
+        "--seed", type=int, default=0, help="seed for data and training (a sweep's sampler: --search-seed)"
+    )
 
 
 def base_config_from_args(args: argparse.Namespace) -> tuple[BaseConfig, str]:
