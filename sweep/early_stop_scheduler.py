@@ -13,15 +13,16 @@ State across a driver that died: Tune saves a searcher's and the callbacks' stat
 ``save``/``restore`` (``TuneController.resume``); the scheduler comes back as pickled into ``tuner.pkl`` when the
 sweep began, empty. It rebuilds its state from the trials: Tune calls ``on_trial_add`` for every restored trial,
 and an ended trial's saved last result says whether it completed (a front point) or was stopped (its reason).
-``save``/``restore`` are implemented as well (``__dict__`` pickled, like Ray's own schedulers) for callers that
-use them.
+``save``/``restore`` are implemented as well, as plain JSON (the rule, the front points, the stop reasons) so a
+saved state loads without running code, for callers that use them.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-import pickle
 from collections.abc import Mapping
+from dataclasses import asdict
 from typing import Any
 
 from ray.tune.experiment import Trial
@@ -92,12 +93,22 @@ class ParetoEarlyStopping(FIFOScheduler):
         )
 
     def save(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "wb") as f:
-            pickle.dump(self.__dict__, f)
+        state = {
+            "rule": asdict(self.rule),
+            "completed": {
+                tid: {"name": p.name, "values": dict(p.values)} for tid, p in self.completed.items()
+            },
+            "stopped": self.stopped,
+        }
+        with open(checkpoint_path, "w") as f:
+            json.dump(state, f)
 
     def restore(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "rb") as f:
-            self.__dict__.update(pickle.load(f))
+        with open(checkpoint_path) as f:
+            state = json.load(f)
+        self.rule = EarlyStopRule(**state["rule"])
+        self.completed = {tid: FrontPoint(p["name"], p["values"]) for tid, p in state["completed"].items()}
+        self.stopped = dict(state["stopped"])
 
     def _record_completed(self, trial: Trial, result: Mapping[str, Any]) -> None:
         point = final_point(result)

@@ -4,6 +4,7 @@ study, MLflow sqlite store)."""
 
 from __future__ import annotations
 
+import json
 import pickle
 import tempfile
 from pathlib import Path
@@ -377,3 +378,21 @@ def test_sweep_with_early_stop_prunes_a_dominated_trial_everywhere(tmp_path, swe
         study_name=STUDY_NAME, storage=f"sqlite:///{sweep_storage / name / 'optuna.db'}"
     )
     assert len(study.trials) == 3 and sum(t.state == TS.PRUNED for t in study.trials) == len(stopped)
+
+
+def test_scheduler_state_saves_and_restores_as_plain_json(tmp_path):
+    """``save``/``restore`` write JSON (no pickle: a saved state loads without running code) and round-trip the
+    rule, the completed front and the stop reasons."""
+    from sweep.early_stop import EarlyStopRule, FrontPoint
+    from sweep.early_stop_scheduler import ParetoEarlyStopping
+
+    scheduler = ParetoEarlyStopping(EarlyStopRule(map_margin=0.1, min_completed=1))
+    scheduler.completed["a"] = FrontPoint("t0001", {"val_mAP": 0.5, "memory_mib": 1.0})
+    scheduler.stopped["b"] = "dominated after prune by t0001"
+    path = tmp_path / "state.json"
+    scheduler.save(str(path))
+    json.loads(path.read_text())  # plain JSON
+    back = ParetoEarlyStopping()
+    back.restore(str(path))
+    assert back.rule == scheduler.rule
+    assert back.completed == scheduler.completed and back.stopped == scheduler.stopped
