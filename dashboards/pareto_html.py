@@ -1,7 +1,7 @@
 """``pareto.html``: the scene of ``dashboards.scene`` as a self-contained page — an inline SVG plot with each
 trial's metrics and config on hover, a table of the front and, folded, of every trial.
 
-Stable hooks for browser tests: ``svg#pareto-plot``, ``circle.point.front|dominated|failed|pending``
+Stable hooks for browser tests: ``svg#pareto-plot``, ``circle.point.front|dominated|failed|stopped|pending``
 (``data-trial-id``, ``data-config`` as JSON, ``data-tooltip``; ``.below-baseline`` on a point below the best
 zero-byte baseline), ``#base-point``, ``.reference-point``, ``#front-line``, ``line.baseline`` (``data-baseline``,
 ``data-map``; ``.best`` on the best zero-byte one), ``table#front-table`` (rows ``tr.below-baseline`` likewise).
@@ -49,6 +49,7 @@ _STYLE = f"""
 .point.dominated {{ fill: #fff; stroke: {COLORS["dominated"]}; stroke-width: 1.2; }}
 .point.failed {{ fill: #fde0e0; stroke: {COLORS["failed"]}; stroke-width: 1.2; }}
 .failed-x {{ stroke: {COLORS["failed"]}; stroke-width: 1.4; }}
+.point.stopped {{ fill: #f7f7d9; stroke: {COLORS["stopped"]}; stroke-width: 1.2; }}
 .point.pending {{ fill: #eee; stroke: {COLORS["pending"]}; stroke-dasharray: 2 1; }}
 .front-line {{ fill: none; stroke: {COLORS["front"]}; stroke-opacity: .6; stroke-width: 1.6; }}
 #base-point {{ fill: {COLORS["base"]}; stroke: #000; stroke-width: 1; }}
@@ -68,6 +69,7 @@ _LEGEND_STYLE = {
     "front": f'fill="{COLORS["front"]}" stroke="#0b2d4a"',
     "dominated": f'fill="#fff" stroke="{COLORS["dominated"]}"',
     "failed": f'fill="#fde0e0" stroke="{COLORS["failed"]}"',
+    "stopped": f'fill="#f7f7d9" stroke="{COLORS["stopped"]}"',
     "pending": f'fill="#eee" stroke="{COLORS["pending"]}"',
 }
 
@@ -97,6 +99,7 @@ def write_pareto_html(
     summary = (
         f'<p id="summary"><b>{len(scene.rows)}</b> trials: <b>{counts["front"]}</b> on the Pareto front, '
         f"{counts['dominated']} dominated, {counts['failed']} failed"
+        + (f", {counts['stopped']} stopped early" if counts["stopped"] else "")
         + (f", {counts['pending']} unfinished" if counts["pending"] else "")
         + (
             f". Base: {MAP_KEY} {fmt(scene.base[MAP_KEY])} ({TEST_MAP_KEY} {fmt(scene.base.get(TEST_MAP_KEY))}), "

@@ -112,7 +112,7 @@ def plot_pareto_png(
     # The band's y is in axes coordinates: its middle, whatever the mAP range.
     strip = blended_transform_factory(ax.transData, ax.transAxes)
     band_y = 0.5 * band / (y_hi - y_lo + band)
-    for kind, marker in (("failed", "x"), ("pending", "+")):
+    for kind, marker in (("failed", "x"), ("stopped", "1"), ("pending", "+")):
         points = [p for p in scene.stuck if p.kind == kind]
         if points:
             ax.scatter(

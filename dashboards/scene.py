@@ -3,7 +3,8 @@ matplotlib, ``pareto_html`` as inline SVG): what kind each point is, the order o
 ticks, the base point, the reference points, the tooltips and the number formats.
 
 Input rows are plain dicts — ``trial_id``, ``val_mAP`` (the objective, ``MAP_KEY``), ``memory_mib``, ``status``
-(``"ok"``, ``"failed"``/``"error"``, or an unfinished state such as ``"running"``), ``pareto`` (bool), ``config``
+(``"ok"``, ``"failed"``/``"error"``, ``"stopped"`` (stopped early by the scheduler), or an unfinished state such as
+``"running"``), ``pareto`` (bool), ``config``
 (dict), plus any other metrics (``test_mAP``, ``val_mAP_drop``, ``test_mAP_drop``, ``compression_ratio``,
 ``run_id``…). The y axis is the objective, the validation mAP; the test mAP is shown beside it, never drawn. A row
 is drawn as:
@@ -11,6 +12,8 @@ is drawn as:
 - ``front``: status ok, finite mAP and memory, ``pareto`` true — joined by the front's staircase;
 - ``dominated``: status ok and finite, not on the front;
 - ``failed``: status failed/error, or ok without a finite positive mAP and memory — a cross along the bottom;
+- ``stopped``: status stopped — the early-stopping scheduler ended it after its early signal (never a front
+  candidate) — along the bottom, at its early memory when it has one;
 - ``pending``: any other status (a trial that has not finished) — along the bottom too.
 
 The baselines (``baselines``: name -> mAP on the axis' split, names from ``trainables.contract.BASELINES``) are
@@ -32,6 +35,7 @@ from typing import Any
 from trainables.contract import (
     BASELINES,
     DROP_KEY,
+    EARLY_MEMORY_KEY,
     MAP_KEY,
     MEMORY_KEY,
     TEST_DROP_KEY,
@@ -40,11 +44,12 @@ from trainables.contract import (
 )
 
 #: Point kinds, in the order the tables and legends list them.
-KINDS: tuple[str, ...] = ("front", "dominated", "failed", "pending")
+KINDS: tuple[str, ...] = ("front", "dominated", "failed", "stopped", "pending")
 KIND_LABELS: dict[str, str] = {
     "front": "Pareto front",
     "dominated": "dominated",
     "failed": "failed",
+    "stopped": "stopped early",
     "pending": "unfinished",
 }
 #: One palette for both renderers.
@@ -52,6 +57,7 @@ COLORS: dict[str, str] = {
     "front": "#1f77b4",
     "dominated": "#8a8a8a",
     "failed": "#d62728",
+    "stopped": "#bcbd22",
     "pending": "#7f7f7f",
     "reference": "#ff7f0e",
     "base": "gold",
@@ -77,6 +83,8 @@ BASELINE_LABELS: dict[str, str] = {
 #: The columns every row has, first in the CSV and left out of the tooltip's list of other metrics.
 CORE_COLUMNS: tuple[str, ...] = ("trial_id", "status", "pareto", MAP_KEY, TEST_MAP_KEY, MEMORY_KEY)
 _FAILED_STATUSES = ("failed", "error")
+#: The kinds drawn in the band along the bottom, not at an mAP.
+STUCK_KINDS: tuple[str, ...] = ("failed", "stopped", "pending")
 
 # The range of the failed/unfinished band given to trials without a usable memory, as fractions of the x axis:
 # one slot each from the left, wrapping after _SLOTS so a sweep of many failures stays inside the plot.
@@ -137,17 +145,19 @@ def decimal_label(value: float) -> str:
 
 
 def point_kind(row: Mapping[str, Any]) -> str:
-    """``front``, ``dominated``, ``failed`` or ``pending`` (see the module docstring)."""
+    """``front``, ``dominated``, ``failed``, ``stopped`` or ``pending`` (see the module docstring)."""
     status = str(row.get("status", "ok")).lower()
     if status == "ok":
         if finite(row.get(MAP_KEY)) and finite(row.get(MEMORY_KEY)) and row[MEMORY_KEY] > 0:
             return "front" if row.get("pareto") else "dominated"
         return "failed"
+    if status == "stopped":
+        return "stopped"
     return "failed" if status in _FAILED_STATUSES else "pending"
 
 
 def ordered(rows: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
-    """Front by memory, then dominated by memory, then failed and pending in the order given."""
+    """Front by memory, then dominated by memory, then failed, stopped and pending in the order given."""
 
     def key(item: tuple[int, Mapping[str, Any]]) -> tuple[int, float, int]:
         i, row = item
@@ -488,9 +498,10 @@ def build_scene(
     stuck = []
     slot = 0
     for row, kind in zip(rows, kinds):
-        if kind not in ("failed", "pending"):
+        if kind not in STUCK_KINDS:
             continue
-        memory = row.get(MEMORY_KEY)
+        # A stopped trial never wrote its file: its early memory (the file it would have shipped) places it.
+        memory = row.get(MEMORY_KEY) if kind != "stopped" else row.get(EARLY_MEMORY_KEY, row.get(MEMORY_KEY))
         if finite(memory) and memory > 0 and x_lo <= math.log10(memory) <= x_hi:
             x_log = math.log10(memory)
         else:

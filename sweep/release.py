@@ -68,6 +68,7 @@ from sweep.tracking import (
     open_client,
     resolve_tracking_uri,
 )
+from trainables.base import train_image_size
 from trainables.contract import (
     ARTIFACT_FILE,
     BASELINES,
@@ -117,6 +118,8 @@ DEFAULT_ALIAS = "release"
 ARTIFACT_PATH = f"{ARTIFACT_DIR}/{ARTIFACT_FILE}"
 #: Bookkeeping params (the base model's cache key) left out of the table's config column, like ``*_steps``.
 _NOT_CONFIG = (BASE_KEY,)
+#: The base's settings a registered version is tagged with (``base.<key>``), besides ``base.train_image_size``.
+RELEASE_BASE_TAGS = ("image_size", "backbone", "dataset")
 
 
 class ReleaseError(RuntimeError):
@@ -649,7 +652,9 @@ def register(
             "forced": "true" if forced and (below or not trial.pareto) else "false",
             **{k: repr(float(v)) for k, v in sorted(trial.metrics.items())},
             **{f"config.{k}": v for k, v in sorted(trial.params.items())},
-            **{f"base.{k}": v for k, v in sorted(base.items()) if k in ("image_size", "backbone", "dataset")},
+            **{f"base.{k}": v for k, v in sorted(base.items()) if k in RELEASE_BASE_TAGS},
+            # The size the model was fine-tuned at, which serving at another size should know about.
+            **({"base.train_image_size": str(train_image_size(base))} if "image_size" in base else {}),
         }
         if sweep.base_map is not None:
             tags[BASE_MAP_METRIC] = repr(float(sweep.base_map))

@@ -393,6 +393,23 @@ def assert_self_contained(path: Path) -> None:
     assert csp and "default-src 'none'" in csp[0]["content"]
 
 
+def test_a_stopped_trial_is_drawn_as_stopped_early_at_its_early_memory(tmp_path):
+    stopped = pt(None, None, status="stopped", config={"threshold": 0.2, "bits": 3})
+    stopped.update(trial_id="trial_stop", pareto=False, early_memory_mib=1.2, stopped_reason="dominated by …")
+    rows = [*make_rows(), stopped]
+    assert point_kind(stopped) == "stopped"
+    scene = build_scene(rows)
+    (point,) = [p for p in scene.stuck if p.kind == "stopped"]
+    assert point.x_log == pytest.approx(math.log10(1.2))  # where the file it would have shipped sits
+    doc = parse_html(write_pareto_html(rows, tmp_path / "pareto.html"))
+    (circle,) = doc.with_class("circle", "point", "stopped")
+    assert circle["data-trial-id"] == "trial_stop"
+    assert len(doc.with_class("circle", "point", "pending")) == 1  # the running trial only
+    assert "1 stopped early" in (tmp_path / "pareto.html").read_text(encoding="utf-8")
+    plot_pareto_png(rows, tmp_path / "pareto.png")
+    assert Image.open(tmp_path / "pareto.png").size[0] > 0
+
+
 def test_html_shows_front_dominated_failed_base_and_references(tmp_path):
     rows = make_rows()
     ref = poster_reference("alexnet", "oxford5k")

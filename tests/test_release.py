@@ -331,6 +331,7 @@ def test_release_registers_a_version_and_the_alias_resolves(store, capsys, tmp_p
     )
     assert f"{TEST_MAP_KEY} 0.7600" in mv.description
     assert mv.tags["config.bits"] == "4" and mv.tags["base.image_size"] == str(IMAGE_SIZE)
+    assert mv.tags["base.train_image_size"] == str(IMAGE_SIZE)  # the tiny preset trains at its test size
     assert mv.tags["artifact_sha256"] == _sha256(store.files["t2"])
     assert mv.tags["sweep_parent_run_id"] == store.parent
 
