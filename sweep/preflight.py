@@ -46,6 +46,7 @@ from trainables.base import META_FILE, BaseConfig
 from trainables.data.images import is_readable
 from trainables.data.oxford import RetrievalDataset, _how_to_get
 from trainables.data.registry import load_dataset
+from trainables.devices import loader_workers
 from trainables.fileio import atomic_write, user_cache_dir
 from trainables.netvlad.backbones import (
     WeightsError,
@@ -142,6 +143,15 @@ def check_local_resources(cpus_per_trial: float, gpus_per_trial: float, on_clust
             f"machine, so a local Ray would wait forever. Pass --cpus-per-trial {have['CPU']:g} or less, or "
             "--ray-address HOST:PORT of a cluster with bigger nodes"
         )
+
+
+def check_loader_workers() -> None:
+    """Refuse a malformed ``$VLADSWEEP_LOADER_WORKERS`` here, before Ray starts, rather than in every trial
+    (`trainables.devices.loader_workers` reads it in each trial process)."""
+    try:
+        loader_workers(1)
+    except ValueError as e:
+        raise PreflightError(str(e)) from None
 
 
 def check_gpus_for_preset(preset: str, gpus_per_trial: float, cpu_only: bool, on_cluster: bool) -> None:

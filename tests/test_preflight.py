@@ -66,6 +66,14 @@ def test_more_gpus_or_cpus_than_this_machine_has_are_refused_before_ray_starts(t
     assert not (tmp_path / "r").exists(), "refused before the storage was touched"
 
 
+def test_a_malformed_loader_workers_variable_is_refused_before_ray_starts(tmp_path, monkeypatch):
+    monkeypatch.setenv("VLADSWEEP_LOADER_WORKERS", "many")
+    proc = _cli(tmp_path)
+    assert proc.returncode == EXIT_USAGE, proc.stderr[-3000:]
+    assert "$VLADSWEEP_LOADER_WORKERS='many': expected a non-negative integer" in proc.stderr
+    assert not (tmp_path / "r").exists(), "refused before the storage was touched"
+
+
 def test_pending_timeout_must_not_be_negative(tmp_path):
     proc = _cli(tmp_path, "--pending-timeout", "-1")
     assert proc.returncode == EXIT_USAGE and "--pending-timeout -1: must be ≥ 0" in proc.stderr

@@ -39,6 +39,7 @@ from safetensors.torch import load_file, save_file
 from trainables.contract import TEST_MAP_KEY, VAL_MAP_KEY
 from trainables.data.registry import load_dataset
 from trainables.data.tuples import TripletMiner
+from trainables.devices import process_loader_workers
 from trainables.fileio import atomic_directory
 from trainables.netvlad.backbones import BACKBONES, FINETUNED_LAYERS
 from trainables.netvlad.model import NetVLADConfig, NetVLADModel, build_netvlad, fit_whitening, init_clusters
@@ -363,11 +364,19 @@ def _random_ranking_map(dataset: Any, seed: int, repeats: int = 5) -> float:
 
 
 def _evaluate(
-    model: NetVLADModel, datasets: dict[str, Any], image_size: int, device: torch.device, progress: bool
+    model: NetVLADModel,
+    datasets: dict[str, Any],
+    image_size: int,
+    device: torch.device,
+    progress: bool,
+    workers: int = 0,
 ) -> dict[str, dict[str, float]]:
     model.eval()
     return {
-        name: {k: float(v) for k, v in evaluate_dataset(model, ds, image_size, device, progress).items()}
+        name: {
+            k: float(v)
+            for k, v in evaluate_dataset(model, ds, image_size, device, progress, num_workers=workers).items()
+        }
         for name, ds in datasets.items()
     }
 
@@ -378,11 +387,14 @@ def build_base(
     device: torch.device | str | None = None,
     progress: bool = True,
     overwrite: bool = False,
+    loader_workers: int | None = None,
 ) -> Path:
     """Build the base model of ``config`` and write it to ``out_dir`` (atomically); returns ``out_dir``.
 
     Steps: seed; build model (no whitening yet); k-means-init NetVLAD from train images; evaluate off-the-shelf;
     triplet fine-tune; learn whitening on the train split; evaluate; write model + meta.
+    ``loader_workers``: image-decoding processes of the evaluations, the fine-tune and the whitening (None: the
+    process's number, `trainables.devices.process_loader_workers`); the base is the same for any.
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
@@ -390,6 +402,7 @@ def build_base(
             f"{out_dir} already exists and is not empty; pass overwrite=True or pick another --out"
         )
     device = torch.device(device) if device is not None else torch.device("cpu")
+    workers = process_loader_workers() if loader_workers is None else loader_workers
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
 
@@ -428,7 +441,7 @@ def build_base(
     maps: dict[str, dict[str, Any]] = {
         name: {"random": _random_ranking_map(ds, config.seed)} for name, ds in tests.items()
     }
-    for name, res in _evaluate(model, tests, config.image_size, device, progress).items():
+    for name, res in _evaluate(model, tests, config.image_size, device, progress, workers).items():
         maps[name]["off_the_shelf"] = res
     seconds["eval_off_the_shelf"] = time.perf_counter() - t
 
@@ -441,12 +454,11 @@ def build_base(
         seed=config.seed,
         num_positives=config.num_positives,
     )
-    # One tick per step (train_triplet samples the miner once a step), a line per hard-negative refresh.
+    # One tick per step, a line per hard-negative refresh.
     every = config.refresh_every or max(1, -(-len(miner) // config.batch_size))
     refreshes = -(-config.steps // every)
     with (
         progress_bar("base: fine-tune", total=config.steps, unit="step", enabled=progress) as bar,
-        counting_calls(miner, "sample", bar),
         counting_calls(
             miner, "refresh", bar, note=lambda n, s: f"hard-negative refresh {n}/{refreshes} took {s:.1f}s"
         ),
@@ -461,11 +473,13 @@ def build_base(
             refresh_every=config.refresh_every,
             batch_size=config.batch_size,
             margin=config.margin,
+            num_workers=workers,
+            on_step=lambda step, loss: bar.update(1),
         )
     seconds["finetune"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    for name, res in _evaluate(model, tests, config.image_size, device, progress).items():
+    for name, res in _evaluate(model, tests, config.image_size, device, progress, workers).items():
         maps[name]["finetuned_no_whitening"] = res
     seconds["eval_no_whitening"] = time.perf_counter() - t
 
@@ -480,12 +494,13 @@ def build_base(
             progress=progress,
             skip_unreadable=True,
             desc="whitening: train VLADs",
+            num_workers=workers,
         )
         vlad = vlad[np.isfinite(vlad).all(axis=1)]  # unreadable images come back as NaN rows
         fit_whitening(model, vlad, config.whitening_dim)
         seconds["whitening"] = time.perf_counter() - t
         t = time.perf_counter()
-        for name, res in _evaluate(model, tests, config.image_size, device, progress).items():
+        for name, res in _evaluate(model, tests, config.image_size, device, progress, workers).items():
             maps[name]["finetuned"] = res
         seconds["eval_finetuned"] = time.perf_counter() - t
     else:
@@ -570,12 +585,14 @@ def retrain_fn(
     device: torch.device,
     distill: bool = True,
     refresh_every: int | None = TRIAL_REFRESH_EVERY,
+    num_workers: int = 0,
 ) -> Callable[..., list[float]]:
     """The ``train_fn`` that retrains compressed copies of ``base`` (every stage of a trial, and the recipe
     benchmark): the base's triplet settings, and the dense base itself (copied now, before any stage changes the
     model) as the teacher the copies are pulled towards. Hard negatives are mined once per ``train_fn`` (one per
     trial), on its first step (`TRIAL_REFRESH_EVERY`); ``refresh_every=N`` re-mines every N steps of the trial,
-    None once per pass over the anchors (what the base fine-tune does)."""
+    None once per pass over the anchors (what the base fine-tune does). ``num_workers``: processes that load the
+    training tuples ahead (`trainables.devices.loader_workers`)."""
     cfg = meta["config"]
     return make_train_fn(
         miner,
@@ -586,6 +603,7 @@ def retrain_fn(
         margin=cfg["margin"],
         teacher=copy.deepcopy(base) if distill else None,
         refresh_every=refresh_every,
+        num_workers=num_workers,
     )
 
 

@@ -1,9 +1,11 @@
-"""Where torch runs: the device a model's weights are on, and the device a trial's GPU share maps to."""
+"""Where torch runs: the device a model's weights are on, the device a trial's GPU share maps to, how many
+loader workers a process runs, and what CUDA gets on top (bf16 autocast, cuDNN autotuning, channels_last)."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -70,3 +72,79 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager:
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+#: Overrides `loader_workers`: the number of DataLoader worker processes every loader of this process uses
+#: (0: load in the main process). Set it where the rule's guess is wrong, e.g. a node whose CPUs Ray
+#: over-declares; on a Ray cluster set it in the workers' environment (or the job's runtime_env).
+LOADER_WORKERS_ENV = "VLADSWEEP_LOADER_WORKERS"
+
+
+def loader_workers(cpus: float) -> int:
+    """How many DataLoader workers (image decoding processes) a process given ``cpus`` CPUs runs: one CPU stays
+    with the main process (the forward, the optimizer, feeding the GPU), the others decode, so ``int(cpus) - 1``
+    and 0 (load in line, as a 1-CPU trial always did) for one CPU or less. ``$VLADSWEEP_LOADER_WORKERS``
+    overrides the rule (a non-negative integer, else ValueError naming it)."""
+    override = os.environ.get(LOADER_WORKERS_ENV, "").strip()
+    if override:
+        try:
+            workers = int(override)
+        except ValueError:
+            workers = -1
+        if workers < 0:
+            raise ValueError(
+                f"${LOADER_WORKERS_ENV}={override!r}: expected a non-negative integer (DataLoader worker "
+                "processes per loader; 0 loads images in the main process)"
+            )
+        return workers
+    return max(0, int(cpus) - 1)
+
+
+def process_loader_workers() -> int:
+    """`loader_workers` of this process's CPU share as torch's thread count: a Ray trial and the base build task
+    set it to the CPUs Ray granted them, ``python -m trainables.base --threads N`` to N."""
+    return loader_workers(torch.get_num_threads())
+
+
+def device_batch(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A loaded batch on ``device``: copied without blocking (from pinned memory when a loader pinned it; pinned
+    tensors must go straight here, a ``torch.cat``/``stack`` first would copy them to pageable memory), and in
+    channels_last on CUDA, the layout `fast_convolutions` gives the convolutions. On the CPU: the same tensor."""
+    if device.type != "cuda":
+        return batch.to(device)
+    batch = batch.to(device, non_blocking=True)
+    return batch.contiguous(memory_format=torch.channels_last) if batch.dim() == 4 else batch
+
+
+@contextlib.contextmanager
+def fast_convolutions(*models: nn.Module | None, device: torch.device) -> Iterator[None]:
+    """On CUDA, for the block: ``torch.backends.cudnn.benchmark = True`` (cuDNN times its algorithms once per
+    input shape and keeps the fastest; the shapes here repeat) and each model's conv backbone (its ``backbone``
+    ``nn.Sequential``) in channels_last, the layout tensor cores read without transposing (its output stays
+    channels_last: NetVLAD's ``view(B, D, H*W)`` works on it, H and W stay adjacent in memory). On exit the
+    weights go back to the plain layout (checkpoints and compression see what they always did) and
+    ``cudnn.benchmark`` to its value. Models without a conv backbone, and every CPU device, are left exactly as they are (the CPU
+    keeps its bit-for-bit results)."""
+    if device.type != "cuda":
+        yield
+        return
+    benchmark = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    backbones = []
+    for model in models:
+        backbone = getattr(model, "backbone", None)
+        if (
+            isinstance(backbone, nn.Sequential)
+            and len(backbone) > 0
+            and any(isinstance(m, nn.Conv2d) for m in backbone.modules())
+            and backbone not in backbones
+        ):
+            backbones.append(backbone)
+    try:
+        for backbone in backbones:
+            backbone.to(memory_format=torch.channels_last)
+        yield
+    finally:
+        for backbone in backbones:
+            backbone.to(memory_format=torch.contiguous_format)
+        torch.backends.cudnn.benchmark = benchmark

@@ -79,7 +79,7 @@ from trainables.contract import (
     seconds_key,
 )
 from trainables.data.registry import load_dataset
-from trainables.devices import select_device
+from trainables.devices import loader_workers, select_device
 from trainables.netvlad.model import NetVLADModel, build_netvlad
 from trainables.retrieval.evaluate import evaluate_dataset
 from trainables.train import DivergedError
@@ -112,6 +112,8 @@ class TrialContext:
     early_signal: bool = False
     #: Set by the ``prune`` stage when ``early_signal``: the signal, reported with that stage (`early_signal`).
     early: dict[str, Any] = field(default_factory=dict)
+    #: Image-decoding processes of the trial's loaders (`trainables.devices.loader_workers` of its CPUs).
+    loader_workers: int = 0
 
     @property
     def image_size(self) -> int:
@@ -194,15 +196,7 @@ def early_signal(model: NetVLADModel, ctx: TrialContext) -> dict[str, float]:
         draft_path.unlink()
         del draft
         splits = ctx.base_meta["val_splits"]
-        maps = [
-            _finite(
-                f"early mAP on {split}",
-                evaluate_dataset(
-                    model, load_dataset(split, ctx.data_root), ctx.image_size, device=ctx.device
-                )["mAP"],
-            )
-            for split in splits
-        ]
+        maps = [split_map(model, ctx, split, "early mAP") for split in splits]
     return {
         EARLY_MEMORY_KEY: size / 2**20,
         EARLY_MAP_KEY: sum(maps) / len(maps),
@@ -233,21 +227,23 @@ def _finite(name: str, value: float) -> float:
     return float(value)
 
 
+def split_map(model: NetVLADModel, ctx: TrialContext, split: str, what: str = "mAP") -> float:
+    """``model``'s mAP on the dataset ``split``, at the trial's size, device and loader workers; `DivergedError`
+    when it is not finite."""
+    dataset = load_dataset(split, ctx.data_root)
+    result = evaluate_dataset(
+        model, dataset, ctx.image_size, device=ctx.device, num_workers=ctx.loader_workers
+    )
+    return _finite(f"{what} on {split}", result["mAP"])
+
+
 def evaluate_stage(model: NetVLADModel, ctx: TrialContext) -> list[Path]:
     """Decode the file that ships into a fresh model and measure exactly that model on the validation splits
     (what the search sees) and the test splits (reported beside, never optimized); sets ``ctx.final``."""
     decoded = load_compressed(ctx.artifact).to(ctx.device)
     meta = ctx.base_meta
     splits = list(dict.fromkeys(meta["val_splits"] + meta["test_splits"]))
-    maps = {
-        split: _finite(
-            f"mAP on {split}",
-            evaluate_dataset(decoded, load_dataset(split, ctx.data_root), ctx.image_size, device=ctx.device)[
-                "mAP"
-            ],
-        )
-        for split in splits
-    }
+    maps = {split: split_map(decoded, ctx, split) for split in splits}
     totals = json.loads((ctx.work / LAYERS_JSON).read_text())["totals"]
     file_bytes = os.path.getsize(ctx.artifact)  # memory_mib is the file that ships, measured, never estimated
 
@@ -370,6 +366,7 @@ def _open_trial(
     cpus, gpus = _trial_resources()
     torch.set_num_threads(max(1, int(cpus)))
     device = select_device(gpus)
+    workers = loader_workers(cpus)
     settings = resolve_trial_config(config)
     plan = CompressionPlan.from_dict(settings["plan"], source="trial config")
     model, meta = load_base(fetch_base(context["base_location"]))
@@ -378,10 +375,11 @@ def _open_trial(
         model.truncate_whitening(settings["params"]["whitening_dim"])
     model.to(device)
     miner = trial_miner(meta, context.get("data_root"), seed=int(context.get("seed", 0)))
-    train_fn = retrain_fn(model, meta, miner, settings["lr"], device=device)
+    train_fn = retrain_fn(model, meta, miner, settings["lr"], device=device, num_workers=workers)
     groups = {g: names for g, names in model.compression_groups().items() if g in plan.groups}
     ctx = TrialContext(plan, groups, meta, context.get("data_root"), device, work, train_fn)
     ctx.removed_parameters = base_parameters - _parameter_count(model)
+    ctx.loader_workers = workers
     return model, ctx
 
 

@@ -7,6 +7,9 @@ the compression stages pass the L1 penalty (or nothing) through it, and call the
 `make_train_fn` as ``train_fn(model, steps, extra_loss)``. A penalty with a ``proximal(step_size)`` method
 (`trainables.compression.l1.L1Penalty`) is not differentiated: its proximal step runs after each optimizer step.
 
+Loading: with ``num_workers`` (`trainables.devices.loader_workers`), DataLoader workers load the tuples of the
+coming steps, drawn ahead in the miner's own order, while the current step trains: the same losses and weights.
+
 Optimizer: Adam (``optimizer="sgd"`` gives SGD with momentum). The loop serves very different tensors (a randomly
 initialized tiny CNN; ImageNet convolutions with folded batch norm; a whitening layer whose weights are ~100x
 larger than the conv weights; k-means codebooks of 4 to 256 shared values spanning 0.04 to 13), so:
@@ -27,15 +30,15 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from trainables.data.tuples import describe_paths_with
-from trainables.devices import model_device
+from trainables.data.tuples import SquareLoader, describe_paths_with
+from trainables.devices import device_batch, fast_convolutions, model_device
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +121,8 @@ def train_triplet(
     step_offset: int = 0,
     teacher: nn.Module | None = None,
     distill_weight: float = 1.0,
+    num_workers: int = 0,
+    on_step: Callable[[int, float], None] | None = None,
 ) -> list[float]:
     """Train ``model``'s trainable parameters for ``steps`` steps; returns the total loss of every step.
 
@@ -134,6 +139,12 @@ def train_triplet(
     ``teacher``: a frozen model (the dense base) whose descriptors of the same images the model is pulled
     towards, ``distill_weight`` · mean ‖f(x) − f_teacher(x)‖² added to the loss: the base's triplet loss is ~0 on
     its own training tuples, so a compressed copy learns far more from where the base puts each image.
+    ``num_workers`` (`trainables.devices.loader_workers`): with 1 or more and a miner that has ``sample_specs``,
+    the tuples of every stretch between two re-minings are drawn when it starts (the same draws, in the same
+    order, as one ``sample`` per step: a re-mining is the only other user of the miner's random stream) and
+    their images, and those of the re-mining, load in that many worker processes while the model trains; the
+    losses and weights are the same as with 0 (each step loads its tuples in line, ``miner.sample``).
+    ``on_step(step, loss)`` is called after every step (progress).
     Raises `DivergedError` naming the step when the loss is not finite.
     """
     if steps < 0:
@@ -163,59 +174,90 @@ def train_triplet(
     n_pos = miner.num_positives
 
     def embed(images: torch.Tensor) -> torch.Tensor:
-        return model(images.to(device))
+        return model(device_batch(images, device))
 
-    describe = describe_paths_with(embed, miner.image_size, batch_size=describe_batch_size)
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0 (0: load in the main process), got {num_workers}")
+    prefetch = num_workers > 0 and hasattr(miner, "sample_specs")
+    loader = SquareLoader(miner.image_size, num_workers if prefetch else 0, pin_memory=device.type == "cuda")
+    describe = describe_paths_with(embed, miner.image_size, batch_size=describe_batch_size, loader=loader)
     if teacher is not None:
         teacher.to(device).eval().requires_grad_(False)
+
+    def remines(step: int) -> bool:
+        return bool(refresh_every and (step_offset + step) % refresh_every == 0) or (
+            step == 0 and not getattr(miner, "refreshes", 0)
+        )
+
+    def stretch(step: int) -> int:
+        """Steps from ``step`` (a re-mining) up to the next re-mining or the end."""
+        end = step + 1
+        while end < steps and not remines(end):
+            end += 1
+        return end - step
+
     was_training = model.training
     losses: list[float] = []
     bar = None
     if progress:
         bar = tqdm(total=steps, desc="triplet fine-tune", unit="step", leave=False)
+    ahead: Iterator[torch.Tensor] | None = None  # the loading images of this stretch's steps (prefetch)
+    ahead_sizes: list[list[int]] = []  # their tuples' sizes, step by step
     try:
-        for step in range(steps):
-            if (refresh_every and (step_offset + step) % refresh_every == 0) or (
-                step == 0 and not getattr(miner, "refreshes", 0)
-            ):
-                model.eval()
-                with torch.no_grad():
-                    miner.refresh(describe)
-                log.debug("step %d: refreshed hard negatives", step)
-            model.train()
-            tuples = miner.sample(batch_size)
-            sizes = [t.shape[0] for t in tuples]
-            images = torch.cat(tuples).to(device)
-            desc = model(images)
-            loss_t = desc.new_zeros(())
-            for chunk in torch.split(desc, sizes):
-                loss_t = loss_t + triplet_loss(chunk[0], chunk[1 : 1 + n_pos], chunk[1 + n_pos :], margin)
-            loss_t = loss_t / len(tuples)
-            loss = loss_t
-            if teacher is not None:
-                with torch.no_grad():
-                    target = teacher(images)
-                loss = loss + distill_weight * ((desc - target) ** 2).sum(dim=1).mean()
-            if proximal is not None:
-                with torch.no_grad():
-                    value = float(loss.detach()) + float(extra_loss())
-            elif extra_loss is not None:
-                loss = loss + extra_loss()
-                value = float(loss.detach())
-            else:
-                value = float(loss.detach())
-            if not math.isfinite(value):
-                raise DivergedError.at_step(step, value, lr)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if proximal is not None:
-                proximal(lambda p: step_size.get(id(p), 0.0))
-            losses.append(value)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{value:.4f}", triplet=f"{float(loss_t):.4f}")
+        with fast_convolutions(model, teacher, device=device):
+            for step in range(steps):
+                if remines(step):
+                    model.eval()
+                    with torch.no_grad():
+                        miner.refresh(describe)
+                    log.debug("step %d: refreshed hard negatives", step)
+                if prefetch and (ahead is None or remines(step)):
+                    drawn = [miner.sample_specs(batch_size) for _ in range(stretch(step))]
+                    ahead_sizes = [[len(spec) for spec in specs] for specs in drawn]
+                    # A step's tuples are one batch (their images in tuple order, as torch.cat of the tuples).
+                    ahead = loader.load([[image for spec in specs for image in spec] for specs in drawn])
+                model.train()
+                if ahead is not None:
+                    images = device_batch(next(ahead), device)
+                    sizes = ahead_sizes.pop(0)
+                else:
+                    tuples = miner.sample(batch_size)
+                    sizes = [t.shape[0] for t in tuples]
+                    images = device_batch(torch.cat(tuples), device)
+                desc = model(images)
+                loss_t = desc.new_zeros(())
+                for chunk in torch.split(desc, sizes):
+                    loss_t = loss_t + triplet_loss(chunk[0], chunk[1 : 1 + n_pos], chunk[1 + n_pos :], margin)
+                loss_t = loss_t / len(sizes)
+                loss = loss_t
+                if teacher is not None:
+                    with torch.no_grad():
+                        target = teacher(images)
+                    loss = loss + distill_weight * ((desc - target) ** 2).sum(dim=1).mean()
+                if proximal is not None:
+                    with torch.no_grad():
+                        value = float(loss.detach()) + float(extra_loss())
+                elif extra_loss is not None:
+                    loss = loss + extra_loss()
+                    value = float(loss.detach())
+                else:
+                    value = float(loss.detach())
+                if not math.isfinite(value):
+                    raise DivergedError.at_step(step, value, lr)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if proximal is not None:
+                    proximal(lambda p: step_size.get(id(p), 0.0))
+                losses.append(value)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{value:.4f}", triplet=f"{float(loss_t):.4f}")
+                if on_step is not None:
+                    on_step(step, value)
     finally:
+        ahead = None
+        loader.close()
         if bar is not None:
             bar.close()
         model.train(was_training)

@@ -9,19 +9,24 @@ Hard negatives follow cirtorch / NetVLAD: `refresh(describe)` embeds the epoch's
 database images with the *current* model and keeps, per anchor, the closest valid negatives (at most one per
 other landmark, so the tuple is not N copies of the same look-alike). Before the first refresh negatives are
 random. The model stays with the caller: `describe(paths, bbxs) -> (n, d) array` is any closure around it.
+
+Loading: `TripletMiner.sample` loads a step's tuples in line; `sample_specs` draws the same tuples (the same random
+stream) without loading them, so a `SquareLoader` can load the coming steps in worker processes while the
+current one trains (`trainables.train.train_triplet`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
 
-from trainables.data.images import BBox, load_image
+from trainables.data.images import BBox, ImageReadError, load_image
 from trainables.data.oxford import RetrievalDataset
 
 Describe = Callable[[list[Path], list[BBox | None]], np.ndarray]
@@ -184,16 +189,110 @@ class TripletMiner:
             out.append((a, [int(i) for i in pos], [int(i) for i in neg]))
         return out
 
+    def sample_specs(self, batch_size: int) -> list[TupleSpec]:
+        """The files of the next `batch_size` tuples, nothing loaded yet (the random draws of `sample`)."""
+        return [
+            [
+                (self.anchors[a].path, self.anchors[a].bbox),
+                *((self.dataset.image_path(i), None) for i in pos + neg),
+            ]
+            for a, pos, neg in self.sample_indices(batch_size)
+        ]
+
     def sample(self, batch_size: int) -> list[torch.Tensor]:
         """`batch_size` tuples, each (1 + num_positives + num_negatives, 3, S, S): [anchor, positives, negatives]."""
-        tuples = []
-        size = self.image_size
-        for a, pos, neg in self.sample_indices(batch_size):
-            anchor = self.anchors[a]
-            imgs = [load_image(anchor.path, size, bbox=anchor.bbox, square=True)]
-            imgs += [load_image(self.dataset.image_path(i), size, square=True) for i in pos + neg]
-            tuples.append(torch.stack(imgs))
-        return tuples
+        images = SquareImages(self.image_size)
+        return [images.load(spec) for spec in self.sample_specs(batch_size)]
+
+
+#: The images of one tuple (or of any batch of square images): (path, box or None) each, anchor first.
+TupleSpec = list[tuple[Path, BBox | None]]
+
+
+class SquareImages(Dataset):
+    """Square ``image_size`` images as a Dataset whose item *is* the list of files: ``images[spec]`` is the
+    (n, 3, S, S) batch of ``spec``'s (path, box) pairs, as `SquareLoader` hands them to its workers.
+
+    In a worker an unreadable file comes back as its path and reason instead of an `ImageReadError`: raised
+    there, DataLoader would re-raise it as a RuntimeError (it cannot rebuild the error), so `SquareLoader`
+    raises it in the caller's process with the path, as loading in line does."""
+
+    def __init__(self, image_size: int):
+        self.image_size = image_size
+
+    def load(self, spec: Sequence[tuple[Path, BBox | None]]) -> torch.Tensor:
+        """The batch of ``spec`` (raises `ImageReadError` naming an unreadable file)."""
+        return torch.stack([load_image(p, self.image_size, bbox=b, square=True) for p, b in spec])
+
+    def __getitem__(self, spec: Sequence[tuple[Path, BBox | None]]) -> torch.Tensor | _Unreadable:
+        try:
+            return self.load(spec)
+        except ImageReadError as exc:
+            return _Unreadable(exc.path, exc.reason)
+
+
+@dataclass(frozen=True)
+class _Unreadable:
+    """An `ImageReadError` as a value a worker can send back (DataLoader turns a tuple into a list: a class)."""
+
+    path: Path
+    reason: str
+
+
+class _Queue(Sampler):
+    """The "indices" a `SquareLoader` iteration fetches: the batches (lists of files) the caller set last."""
+
+    def __init__(self) -> None:
+        self.items: list[TupleSpec] = []
+
+    def __iter__(self) -> Iterator[TupleSpec]:
+        return iter(self.items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+class SquareLoader:
+    """Loads batches of square images ahead, in ``num_workers`` DataLoader worker processes, while the caller
+    computes: ``load(batches)`` yields the (n, 3, S, S) tensor of each batch (a `TupleSpec`-like list of files)
+    in order. One DataLoader with persistent workers serves every call (the training tuples of each stretch
+    between two re-minings, and the re-mining's descriptions), so the workers start once per training run.
+    ``pin_memory`` (CUDA only) pins each batch as it is, ready for a non-blocking copy: the tuples of a step are
+    one batch, so nothing stacks them again into pageable memory. ``num_workers=0`` loads in line, in order."""
+
+    def __init__(self, image_size: int, num_workers: int = 0, pin_memory: bool = False):
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0 (0: load in the main process), got {num_workers}")
+        self.images = SquareImages(image_size)
+        self.num_workers = num_workers
+        self._queue = _Queue()
+        self._loader: DataLoader | None = None
+        if num_workers:
+            self._loader = DataLoader(
+                self.images,
+                batch_size=None,  # each item is already a batch
+                sampler=self._queue,
+                num_workers=num_workers,
+                pin_memory=pin_memory,
+                persistent_workers=True,
+            )
+
+    def load(self, batches: Sequence[Sequence[tuple[Path, BBox | None]]]) -> Iterator[torch.Tensor]:
+        """Each batch's images, in order; the loading runs ahead of what the caller has taken so far."""
+        if self._loader is None:
+            for spec in batches:
+                yield self.images.load(spec)
+            return
+        self._queue.items = [list(spec) for spec in batches]
+        for out in self._loader:
+            if isinstance(out, _Unreadable):
+                raise ImageReadError(out.path, out.reason)
+            yield out
+
+    def close(self) -> None:
+        """Let the workers go (they end when the loader is collected, at once in CPython); `load` then loads in
+        line."""
+        self._loader = None
 
 
 def split_tuple(t: torch.Tensor, num_positives: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -202,19 +301,20 @@ def split_tuple(t: torch.Tensor, num_positives: int) -> tuple[torch.Tensor, torc
 
 
 def describe_paths_with(
-    embed: Callable[[torch.Tensor], torch.Tensor], image_size: int, batch_size: int = 16
+    embed: Callable[[torch.Tensor], torch.Tensor],
+    image_size: int,
+    batch_size: int = 16,
+    loader: SquareLoader | None = None,
 ) -> Describe:
-    """Build a `describe` closure from a batch embedding function (square images, so batches stack)."""
+    """Build a `describe` closure from a batch embedding function (square images, so batches stack): batches of
+    ``batch_size`` consecutive files, loaded by ``loader`` (its workers; None: in line)."""
+    loader = loader if loader is not None else SquareLoader(image_size)
 
     def describe(paths: Sequence[Path], bbxs: Sequence[BBox | None]) -> np.ndarray:
+        pairs = list(zip(paths, bbxs, strict=True))
+        chunks = [pairs[s : s + batch_size] for s in range(0, len(pairs), batch_size)]
         out = []
-        for s in range(0, len(paths), batch_size):
-            batch = torch.stack(
-                [
-                    load_image(p, image_size, bbox=b, square=True)
-                    for p, b in zip(paths[s : s + batch_size], bbxs[s : s + batch_size], strict=True)
-                ]
-            )
+        for batch in loader.load(chunks):
             with torch.no_grad():
                 out.append(embed(batch).detach().cpu().numpy())
         return np.concatenate(out, 0) if out else np.zeros((0, 0), np.float32)

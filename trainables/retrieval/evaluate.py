@@ -29,9 +29,11 @@ def describe_dataset(
     image_size: int,
     device: str | torch.device | None = None,
     progress: bool = False,
+    num_workers: int = 0,
     **extract_kwargs: Any,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(database descriptors, query descriptors); unreadable database images give NaN rows (see extract)."""
+    """(database descriptors, query descriptors); unreadable database images give NaN rows (see extract).
+    ``num_workers``: loader processes that decode the images (`trainables.devices.loader_workers`)."""
     db = extract_descriptors(
         model,
         dataset.image_paths(),
@@ -40,6 +42,7 @@ def describe_dataset(
         progress=progress,
         skip_unreadable=True,
         desc=f"{dataset.name} database",
+        num_workers=num_workers,
         **extract_kwargs,
     )
     queries = extract_descriptors(
@@ -50,6 +53,7 @@ def describe_dataset(
         device=device,
         progress=progress,
         desc=f"{dataset.name} queries",
+        num_workers=num_workers,
         **extract_kwargs,
     )
     return db, queries
@@ -69,14 +73,19 @@ def evaluate_dataset(
     image_size: int,
     device: str | torch.device | None = None,
     progress: bool = False,
+    num_workers: int = 0,
     **extract_kwargs: Any,
 ) -> dict[str, float]:
     """mAP of ``model`` on ``dataset`` (see the module doc for the keys).
 
-    ``extract_kwargs`` go to :func:`extract_descriptors` (``batch_size``, ``scales``, ``num_workers``).
-    Unreadable database images are left out of the ranking (a positive among them counts as not retrieved).
+    ``num_workers``: loader processes that decode the images (the process's number:
+    `trainables.devices.loader_workers`; the mAP is the same for any). ``extract_kwargs`` go to
+    :func:`extract_descriptors` (``batch_size``, ``scales``). Unreadable database images are left out of the
+    ranking (a positive among them counts as not retrieved).
     """
-    db, queries = describe_dataset(model, dataset, image_size, device, progress, **extract_kwargs)
+    db, queries = describe_dataset(
+        model, dataset, image_size, device, progress, num_workers, **extract_kwargs
+    )
     readable = np.nonzero(~np.isnan(db).any(axis=1))[0]
     ranks = rank_database(db[readable], queries)
     return score_ranking(dataset, readable[ranks])

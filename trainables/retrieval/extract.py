@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from trainables.data.images import ImageReadError, load_image
+from trainables.devices import device_batch, fast_convolutions
 from trainables.progress import progress as progress_bar
 
 __all__ = ["extract_descriptors", "resolve_device"]
@@ -34,35 +35,40 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 class _IndexedImages(Dataset):
-    """(index, image tensor or None) per path; None marks an unreadable file when those are to be skipped."""
+    """(index, image tensor) per path, or (index, reason) for an unreadable file.
 
-    def __init__(self, paths: Sequence[os.PathLike | str], max_size: int, bbxs, skip_unreadable: bool):
+    The error is returned, not raised, even when unreadable files are not to be skipped: raised in a loader
+    worker it would reach the caller as a RuntimeError (DataLoader cannot rebuild an `ImageReadError`), so the
+    caller raises it itself, with its path, in the main process."""
+
+    def __init__(self, paths: Sequence[os.PathLike | str], max_size: int, bbxs):
         self.paths = list(paths)
         self.bbxs = list(bbxs) if bbxs is not None else [None] * len(self.paths)
         self.max_size = max_size
-        self.skip_unreadable = skip_unreadable
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None]:
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | str]:
         try:
             return i, load_image(self.paths[i], self.max_size, bbox=self.bbxs[i])
-        except ImageReadError:
-            if not self.skip_unreadable:
-                raise
-            return i, None
+        except ImageReadError as exc:
+            return i, exc.reason
 
 
 def _shape_batches(
-    items: Iterator[tuple[int, torch.Tensor | None]], batch_size: int, max_waiting: int
-) -> Iterator[tuple[list[int], torch.Tensor | None]]:
-    """Group (index, image) items into batches of one shape; unreadable items come out alone as (idx, None)."""
+    items: Iterator[tuple[int, torch.Tensor | str]], batch_size: int, max_waiting: int, pin: bool = False
+) -> Iterator[tuple[list[int], torch.Tensor | str]]:
+    """Group (index, image) items into batches of one shape; an item that is no tensor (an unreadable file's
+    reason) comes out alone as ([idx], it).
+
+    Batching by shape happens here, after loading (a shape is only known then); ``pin`` stacks into pinned
+    memory (`_stack`)."""
     buckets: dict[tuple[int, ...], list[tuple[int, torch.Tensor]]] = {}
     waiting = 0
     for i, img in items:
-        if img is None:
-            yield [i], None
+        if not isinstance(img, torch.Tensor):
+            yield [i], img
             continue
         bucket = buckets.setdefault(tuple(img.shape), [])
         bucket.append((i, img))
@@ -74,9 +80,19 @@ def _shape_batches(
         else:
             continue
         waiting -= len(full)
-        yield [j for j, _ in full], torch.stack([t for _, t in full])
+        yield [j for j, _ in full], _stack([t for _, t in full], pin)
     for full in buckets.values():
-        yield [j for j, _ in full], torch.stack([t for _, t in full])
+        yield [j for j, _ in full], _stack([t for _, t in full], pin)
+
+
+def _stack(images: list[torch.Tensor], pin: bool) -> torch.Tensor:
+    """One batch; with ``pin``, stacked straight into pinned memory (torch's pinned allocator caches the blocks),
+    so the copy to the GPU runs without blocking: pinning each image in the loader and stacking them afterwards
+    would give a pageable batch, whose copy waits."""
+    if not pin:
+        return torch.stack(images)
+    out = torch.empty((len(images), *images[0].shape), dtype=images[0].dtype, pin_memory=True)
+    return torch.stack(images, out=out)
 
 
 def _describe(model: nn.Module, batch: torch.Tensor, scales: Sequence[float]) -> torch.Tensor:
@@ -111,6 +127,12 @@ def extract_descriptors(
 
     Unreadable files raise ``ImageReadError`` naming the path, unless ``skip_unreadable=True``: then their rows
     are NaN and a warning names them (callers drop those rows, e.g. Paris6k's corrupt database images).
+
+    ``num_workers`` loader processes decode the images while the model runs (0: in line, in this process;
+    `trainables.devices.loader_workers` gives a process's number); the descriptors are the same either way, as
+    the images come back in order. The loader is iterated once, so its workers are not kept (no
+    ``persistent_workers``). On CUDA the batches are stacked into pinned memory and copied without blocking, and
+    the model's conv backbone runs in channels_last with cuDNN autotuning (`trainables.devices.fast_convolutions`).
     """
     paths = list(paths)
     if bbxs is not None and len(bbxs) != len(paths):
@@ -122,26 +144,31 @@ def extract_descriptors(
     if not scales or any(s <= 0 for s in scales):
         raise ValueError(f"scales must be a non-empty tuple of positive factors, got {scales}")
 
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0 (0: load in the main process), got {num_workers}")
+
     dev = resolve_device(device)
     was_training = model.training
     model.to(dev).eval()
     loader = DataLoader(
-        _IndexedImages(paths, image_size, bbxs, skip_unreadable),
+        _IndexedImages(paths, image_size, bbxs),
         batch_size=None,  # one image per item: shapes differ, _shape_batches does the batching
         num_workers=num_workers,
-        pin_memory=dev.type == "cuda",
     )
     out: np.ndarray | None = None
     unreadable: list[int] = []
     bar = progress_bar(desc, total=len(paths), unit="img", enabled=progress)
+    pin = dev.type == "cuda"
     try:
-        with torch.no_grad():
-            for idx, batch in _shape_batches(iter(loader), batch_size, max_waiting=4 * batch_size):
+        with torch.no_grad(), fast_convolutions(model, device=dev):
+            for idx, batch in _shape_batches(iter(loader), batch_size, max_waiting=4 * batch_size, pin=pin):
                 bar.update(len(idx))
-                if batch is None:
+                if not isinstance(batch, torch.Tensor):  # an unreadable file: the reason
+                    if not skip_unreadable:
+                        raise ImageReadError(paths[idx[0]], batch)
                     unreadable.extend(idx)
                     continue
-                d = _describe(model, batch.to(dev, non_blocking=True), scales).cpu().numpy()
+                d = _describe(model, device_batch(batch, dev), scales).cpu().numpy()
                 if out is None:
                     out = np.full((len(paths), d.shape[1]), np.nan, dtype=np.float32)
                 out[idx] = d
