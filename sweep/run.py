@@ -131,7 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
         "(smoke.yaml, pareto.yaml, paper_grid.yaml)",
     )
     p.add_argument(
-        "--num-samples", type=int, default=None, help="trials to run (default: the space's num_samples)"
+        "--num-samples",
+        type=int,
+        default=None,
+        help="trials to run (default: the space's num_samples); with --resume, a larger N grows the sweep to N",
     )
     p.add_argument("--max-concurrent", type=int, default=2, help="trials running at once")
     p.add_argument(
@@ -151,6 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("VLADSWEEP_STORAGE", "./vladsweep_results"),
         help="where Ray keeps results, checkpoints and the base model: a local/NFS path or s3:// URI "
         "(shared by all nodes on a cluster; default: $VLADSWEEP_STORAGE, set on cluster nodes)",
+    )
+    p.add_argument(
+        "--optuna-url",
+        default=None,
+        metavar="URL",
+        help="keep the Optuna study in this RDB server (a SQLAlchemy URL: postgresql://…, mysql://…, "
+        "sqlite:////abs/path.db; the study is named after --name) instead of <storage>/<name>/optuna.db",
     )
     p.add_argument("--name", default=None, help="sweep name (default: <space>-<dataset>-<backbone>)")
     p.add_argument("--resume", action="store_true", help="continue the sweep --name in --storage")
@@ -309,6 +319,8 @@ class Plan:
     name: str
     tracking_uri: str
     storage: sweep_storage.SweepStorage
+    #: Where the Optuna study lives (`sweep_storage.StudyLocation`): fetched back already for a --resume.
+    study: sweep_storage.StudyLocation
 
 
 @dataclass(frozen=True)
@@ -351,8 +363,9 @@ def show_base(args: argparse.Namespace) -> int:
 
 def validate(args: argparse.Namespace) -> Plan:
     """Everything a user can get wrong, before Ray starts; raises `UsageError` (or the input's own error) with
-    what would work. Writes nothing but the storage's probe file and the sweep's lock (`preflight.SweepLock`,
-    held to the end of the process), and only once everything else passed."""
+    what would work. Writes nothing but the storage's probe file, the sweep's lock (`preflight.SweepLock`,
+    held to the end of the process) and, for a --resume, the study's local copy fetched from the storage, and
+    only once everything else passed."""
     if args.max_concurrent < 1:
         raise UsageError(f"--max-concurrent {args.max_concurrent}: must be at least 1")
     early_stop_rule(args)
@@ -367,6 +380,7 @@ def validate(args: argparse.Namespace) -> Plan:
     if not args.sync:  # --sync starts no Ray
         on_cluster = joins_cluster(args.ray_address)
         preflight.check_local_resources(args.cpus_per_trial, args.gpus_per_trial, on_cluster)
+        preflight.check_loader_workers()
     space_path = resolve_space_path(args.search_space)
     space = load_search_space(space_path)
     num_samples = args.num_samples if args.num_samples is not None else space.num_samples
@@ -383,6 +397,8 @@ def validate(args: argparse.Namespace) -> Plan:
     tracking_uri = tracking.resolve_tracking_uri(args.mlflow_uri)
     # Before the storage probe: a refused start leaves nothing behind in the storage (not even the sweep's folder).
     tracking.check_tracking_uri(tracking_uri)
+    if args.optuna_url and not args.sync:  # --sync never opens the study
+        sweep_storage.check_rdb_url(args.optuna_url)
     storage = sweep_storage.SweepStorage.create(args.storage, name)
     storage.check_writable()
     if storage.has_experiment() and not (args.resume or args.sync):
@@ -404,7 +420,14 @@ def validate(args: argparse.Namespace) -> Plan:
     if not args.sync:  # --sync reads the stored results only
         preflight.check_weights(base_config, storage)
         preflight.check_base_inputs(base_config)
-    return Plan(args, space, space_path, num_samples, base_config, name, tracking_uri, storage)
+    study = storage.study(args.optuna_url)
+    if args.resume:
+        check_study_place(storage, study)
+        # A new head has no local copy of the study: bring it back from the storage.
+        study.fetch_for_resume(has_trials=storage.has_experiment())
+    elif not args.sync:
+        study.set_aside_leftover()
+    return Plan(args, space, space_path, num_samples, base_config, name, tracking_uri, storage, study)
 
 
 def check_groups(space: Any, space_path: Path, base_config: Any) -> None:
@@ -489,13 +512,38 @@ def was_started(storage: sweep_storage.SweepStorage) -> bool:
 
 
 def mark_started(plan: Plan) -> None:
-    """Write the sweep folder's ``STARTED_FILE`` (once), so ``--resume`` works from the base build on."""
+    """Write the sweep folder's ``STARTED_FILE`` (once), so ``--resume`` works from the base build on; it also
+    records where the Optuna study lives (`check_study_place`)."""
     if plan.args.sync or was_started(plan.storage):
         return
     fs, path = _started_path(plan.storage)
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    record = {"name": plan.name, "started": time.time(), "study": plan.study.label}
     with fs.open_output_stream(path) as stream:
-        stream.write((json.dumps({"name": plan.name, "started": time.time()}) + "\n").encode())
+        stream.write((json.dumps(record) + "\n").encode())
+
+
+def check_study_place(storage: sweep_storage.SweepStorage, study: sweep_storage.StudyLocation) -> None:
+    """``--resume`` keeps the study where the sweep started it: the storage's sqlite file or the same
+    ``--optuna-url`` (Tune's saved state does not say which; another place would start an empty study)."""
+    if not was_started(storage):
+        return
+    fs, path = _started_path(storage)
+    try:
+        with fs.open_input_stream(path) as stream:
+            recorded = json.loads(stream.read()).get("study")
+    except (OSError, ValueError):
+        return  # unreadable: nothing to compare with
+    if recorded is None or recorded == study.label:  # None: a sweep started before the place was recorded
+        return
+
+    def place(label: str) -> str:
+        return "in the storage (no --optuna-url)" if label == "storage" else f"at --optuna-url {label}"
+
+    raise UsageError(
+        f"--resume: the sweep {storage.name!r} keeps its Optuna study {place(recorded)}, not {place(study.label)}."
+        " Resume it with the --optuna-url it was started with (a URL with its password), or none"
+    )
 
 
 def start_ray(plan: Plan) -> None:
@@ -560,7 +608,7 @@ def run_trials(plan: Plan, base: Base, parent: ParentRun) -> float | None:
     # need.
     from sweep.callbacks import TrialRunLogger
     from sweep.early_stop_scheduler import ParetoEarlyStopping
-    from sweep.tuner import build_tuner, restore_tuner
+    from sweep.tuner import build_tuner, restore_tuner, study_searcher
 
     args = plan.args
     rule = early_stop_rule(args)
@@ -573,7 +621,13 @@ def run_trials(plan: Plan, base: Base, parent: ParentRun) -> float | None:
     }
     if args.resume and plan.storage.has_experiment():
         tuner = restore_tuner(
-            plan.storage.experiment_dir, context, args.cpus_per_trial, args.gpus_per_trial, early_stop
+            plan.storage.experiment_dir,
+            context,
+            args.cpus_per_trial,
+            args.gpus_per_trial,
+            early_stop,
+            study=plan.study,
+            num_samples=args.num_samples,
         )
     else:
         tuner = build_tuner(
@@ -586,7 +640,7 @@ def run_trials(plan: Plan, base: Base, parent: ParentRun) -> float | None:
             cpus_per_trial=args.cpus_per_trial,
             gpus_per_trial=args.gpus_per_trial,
             seed=search_seed(plan),
-            optuna_url=plan.storage.optuna_url,
+            study=plan.study,
             callbacks=[
                 TrialRunLogger(
                     plan.tracking_uri,
@@ -602,8 +656,11 @@ def run_trials(plan: Plan, base: Base, parent: ParentRun) -> float | None:
             early_stop=early_stop,
         )
     t0 = time.monotonic()
-    with INTERRUPTS.tune_owns_first_ctrl_c(), preflight.watch_trials(args.pending_timeout):
-        tuner.fit()
+    try:
+        with INTERRUPTS.tune_owns_first_ctrl_c(), preflight.watch_trials(args.pending_timeout):
+            tuner.fit()
+    finally:  # also after Ctrl-C: the study's copy in a URI storage gets its last state
+        study_searcher(tuner).keep_study(force=True)
     return time.monotonic() - t0
 
 
