@@ -1,7 +1,7 @@
 """Mutated compressed files: each one is refused with a `CodecError` that names the file, or it decodes -- never a
 crash, another exception type, or an allocation beyond twice the honest decode.
 
-Seeded and bounded in time. Mutations whose checksums are left stale (byte flips in the header JSON or the payload,
+Seeded, a fixed number of mutations (no clock in the test: a loaded machine only makes it slower). Mutations whose checksums are left stale (byte flips in the header JSON or the payload,
 truncations) must be refused or decode to exactly the original tensors. Mutations that recompute every checksum
 (edited lengths, counts and offsets, swapped tensors, flipped payload bytes) model a crafted file: the unkeyed
 checksums cannot catch those, so such a file may load, but only as a well-formed model of the architecture's shapes
@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import time
 import tracemalloc
 from pathlib import Path
 
@@ -29,7 +28,6 @@ from trainables.compression.prune import apply_mask
 from trainables.compression.quantize import quantize_module
 
 MUTATIONS = 1000
-TIME_LIMIT_S = 45.0
 
 
 def _build(config: dict) -> nn.Module:
@@ -197,10 +195,9 @@ def test_mutated_files_are_refused_or_decode_identically(tmp_path: Path) -> None
     tracemalloc.start()
     try:
         honest_peak = max(_peak(lambda: load_compressed(honest))[1] for _ in range(3))
-        started = time.perf_counter()
         tally: dict[str, list[int]] = {}
         done = 0
-        while done < MUTATIONS and time.perf_counter() - started < TIME_LIMIT_S:
+        while done < MUTATIONS:
             kind, mutated, crafted = _mutate(data, rng)
             target.write_bytes(mutated)
             counts = tally.setdefault(kind, [0, 0])
@@ -224,7 +221,7 @@ def test_mutated_files_are_refused_or_decode_identically(tmp_path: Path) -> None
             done += 1
     finally:
         tracemalloc.stop()
-    assert done >= 1000, f"only {done} mutations in {TIME_LIMIT_S} s"
+    assert done == MUTATIONS >= 1000
     # Every kind was tried, and most files were refused.
     assert set(tally) == {
         "flip_header",

@@ -24,6 +24,9 @@ GROUPS: tuple[str, ...] = ("conv", "netvlad", "whitening")
 PRUNE_MODES: tuple[str, ...] = ("abs", "sigma", "none")
 #: How a group's weights are quantized (``GroupPlan.quant``).
 QUANT_MODES: tuple[str, ...] = ("uniform", "kmeans", "none")
+#: How a quantized layer's codebook is scaled (``GroupPlan.scale``): ``layer`` (one codebook for the raw weights)
+#: or ``channel`` (k-means only: one shared codebook over each output channel divided by its own float32 scale).
+SCALE_MODES: tuple[str, ...] = ("layer", "channel")
 #: Most bits per weight index (a codebook of 2^16 values).
 MAX_BITS = 16
 
@@ -289,6 +292,25 @@ def _params() -> dict[str, ParamSpec]:
             for g in GROUPS
         ],
         ParamSpec(
+            "scale",
+            str,
+            "layer",
+            "Codebook scale of a k-means layer: 'layer' (one codebook for the raw weights) or 'channel' (the "
+            "shared codebook fit to each output channel over its own float32 scale, stored in the file).",
+            choices=SCALE_MODES,
+        ),
+        *[
+            ParamSpec(
+                f"scale_{g}",
+                str,
+                None,
+                f"Codebook scale for the {g} group (default: scale).",
+                choices=SCALE_MODES,
+                inherits="scale",
+            )
+            for g in GROUPS
+        ],
+        ParamSpec(
             "l1_lambda", float, 0.0, "Weight λ of the L1 penalty λ·Σ|w| during the sparsify stage.", low=0.0
         ),
         ParamSpec("l1_steps", int, 50, "Training steps of the L1 sparsify stage (0 skips it).", low=0),
@@ -376,6 +398,14 @@ def resolve_params(
     for name, spec in TRIAL_PARAMS.items():
         if spec.inherits is not None and out[name] is None:
             out[name] = out[spec.inherits]
+    if out["quant_mode"] == "uniform":
+        # Uniform levels are not channel-scaled (GroupPlan refuses the pair too): refused here, before a trial.
+        for g in out["groups"].split(","):
+            if out[f"scale_{g}"] == "channel":
+                key = f"scale_{g}" if config.get(f"scale_{g}") is not None else "scale"
+                raise TrialConfigError(
+                    key, "channel", "'channel' needs quant_mode 'kmeans' (with 'uniform' use 'layer')", source
+                )
     return out
 
 
@@ -385,10 +415,11 @@ def resolve_trial_config(
     """Turn a (partial) trial config into what the trial runs.
 
     Returns ``{"plan": ..., "lr": float, "params": {...}}``: ``plan`` is exactly the dict form
-    ``CompressionPlan.from_dict`` takes (``groups`` → ``{"prune", "threshold", "quant", "bits"}`` for each
-    compressed group, plus ``l1_lambda``, ``l1_steps``, ``prune_rounds``, ``retrain_steps``, ``quant_steps``,
-    ``kmeans_iters``, ``allow_empty_layer``); ``lr`` sits beside it because the plan does not take it;
-    ``params`` is every trial parameter after defaults (flat, for logging). Raises ``TrialConfigError``.
+    ``CompressionPlan.from_dict`` takes (``groups`` → ``{"prune", "threshold", "quant", "bits"}``, plus ``"scale"``
+    when it is not ``"layer"``, for each compressed group, plus ``l1_lambda``, ``l1_steps``, ``prune_rounds``,
+    ``retrain_steps``, ``quant_steps``, ``kmeans_iters``, ``allow_empty_layer``); ``lr`` sits beside it because
+    the plan does not take it; ``params`` is every trial parameter after defaults (flat, for logging). Raises
+    ``TrialConfigError``.
     """
     p = resolve_params(config, source, allow_extra)
     groups = {
@@ -397,6 +428,8 @@ def resolve_trial_config(
             "threshold": p[f"threshold_{g}"],
             "quant": p["quant_mode"],
             "bits": p[f"bits_{g}"],
+            # Only when set: a layer-scaled plan is the same dict (and artifact header) as before the key existed.
+            **({"scale": p[f"scale_{g}"]} if p[f"scale_{g}"] != SCALE_MODES[0] else {}),
         }
         for g in p["groups"].split(",")
     }

@@ -16,8 +16,8 @@ the layer groups, the user's meta and one record per state-dict tensor. Loading 
 format version, the tensor index against the file's length, the architecture (built on the meta device when it
 allows) against every record's shape, every record's sizes and counts against those shapes, and every checksum.
 Then the streams are decoded in parallel threads and every tensor of the state dict is filled from the file. A
-quantized weight decodes to ``codebook[indices] * mask`` in float32 -- the same ops the quantized model runs -- so
-the decoded model computes the same outputs. `verify_file` does the same checks and decoding without a model.
+quantized weight decodes to ``codebook[indices] * mask`` in float32 (then ``* scale[c]`` along dim 0 for a
+channel-scaled one) -- the same ops the quantized model runs -- so the decoded model computes the same outputs. `verify_file` does the same checks and decoding without a model.
 """
 
 from __future__ import annotations
@@ -109,7 +109,9 @@ def save_compressed(
         view = quantized_view(module) if name == "weight" else None
         mask = prune_mask(module) if name == "weight" and view is None else None
         if view is not None:
-            rec, payload = encode_quantized(view.codebook, view.indices, view.mask, view.bits, view.mode)
+            rec, payload = encode_quantized(
+                view.codebook, view.indices, view.mask, view.bits, view.mode, scale=view.scale
+            )
         elif mask is not None:
             rec, payload = encode_pruned(effective_weight(module).detach(), mask)
         else:

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from trainables.compression.errors import CodecError
 from trainables.fileio import atomic_write
@@ -104,7 +104,27 @@ def write_artifact(
     except (TypeError, ValueError) as e:
         raise CodecError(f"{path}: meta and plan must be JSON-able (finite numbers, str keys): {e}") from e
     metadata = {META_KEY: text, META_CHECKSUM_KEY: _json_checksum(text)}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata), fsync=True)
+    atomic_write(path, lambda tmp: _save_reproducible(tensors, tmp, metadata), fsync=True)
+
+
+def _save_reproducible(
+    tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]
+) -> None:
+    """``safetensors.torch.save_file``, byte for byte the same on every run: safetensors keeps ``__metadata__``
+    in a hash map, so its keys come out in a random order and two saves of one model differed in their header
+    bytes (and sha256). The header is re-written with those keys sorted, padded with spaces to its length (which
+    the format allows), so offsets and everything after the header are untouched."""
+    data = memoryview(save(tensors, metadata=metadata))
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(bytes(data[8 : 8 + n]))
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(text) > n:  # cannot happen for a re-ordering; keep safetensors' own bytes rather than guess
+        text = bytes(data[8 : 8 + n])
+    with open(path, "wb") as out:
+        out.write(data[:8])
+        out.write(text.ljust(n, b" "))
+        out.write(data[8 + n :])
 
 
 def read_header(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any], int, int]:

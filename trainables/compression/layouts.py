@@ -4,7 +4,8 @@
   ``dense`` (one symbol per weight: the index, or an extra "zero" code where pruned), ``bitmap`` (a keep bitmap +
   the indices of the kept weights) or ``gaps`` (relative-index gaps as in Deep Compression, with an escape symbol
   for gaps too long for the alphabet, + the indices); each stream is coded by `streams.encode_symbols`
-  (raw bits, zstd or ANS, the smallest);
+  (raw bits, zstd or ANS, the smallest); a channel-scaled weight (``QuantView.scale``) also stores its float32
+  scales, one per output channel (``"scale": "channel"`` in the record, the ``scale`` tensor);
 - a pruned, not quantized weight (``quantize.prune_mask``) as its kept values (stored in the weight's dtype) plus the
   positions (``bitmap`` or ``gaps``), or dense when that is smaller.
 
@@ -306,15 +307,23 @@ def encode_quantized(
     *,
     layout: str | None = None,
     allowed: tuple[str, ...] | None = None,
+    scale: torch.Tensor | None = None,
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Encode one quantized weight (``codebook[indices] * mask``): its header record and its payload arrays (stream
-    name -> uint8 bytes, plus ``codebook`` float32). ``layout`` forces one of `LAYOUTS` (default: the smallest);
-    ``allowed`` limits the choice to some of them (benchmarks: the format-1 layouts)."""
+    """Encode one quantized weight (``codebook[indices] * mask``, ``* scale[c]`` along dim 0 when ``scale`` is
+    given): its header record and its payload arrays (stream name -> uint8 bytes, plus ``codebook`` float32 and
+    ``scale`` float32). ``layout`` forces one of `LAYOUTS` (default: the smallest); ``allowed`` limits the choice
+    to some of them (benchmarks: the format-1 layouts)."""
     k = 1 << bits
     if codebook.numel() != k:
         raise CodecError(f"codebook has {codebook.numel()} values, expected 2**bits = {k}")
     if indices.shape != mask.shape:
         raise CodecError(f"indices shape {tuple(indices.shape)} differs from mask shape {tuple(mask.shape)}")
+    if scale is not None:
+        scale = scale.detach().cpu().to(torch.float32).contiguous().reshape(-1)
+        channels = _channels(tuple(indices.shape))
+        if scale.numel() != channels:
+            raise CodecError(f"scale has {scale.numel()} values, expected {channels} (dim 0 of the weight)")
+        _check_scale_values(scale.numpy())
     idx = _flat_numpy(indices)
     m = _flat_numpy(mask).astype(bool, copy=False)
     n = len(m)
@@ -350,7 +359,21 @@ def encode_quantized(
     }
     payload = {s: e.data for s, e in enc.items()}
     payload["codebook"] = codebook.detach().cpu().to(torch.float32).contiguous().numpy()
+    if scale is not None:
+        record["scale"] = "channel"
+        payload["scale"] = scale.numpy()
     return record, payload
+
+
+def _channels(shape: tuple[int, ...]) -> int:
+    """How many per-channel scales a weight of ``shape`` has: its dim 0 (1 for a 0-d weight)."""
+    return int(shape[0]) if shape else 1
+
+
+def _check_scale_values(scale: np.ndarray) -> None:
+    """Scales are finite and > 0 (the encoder's `channel_scales` makes them so); a file with others is damaged."""
+    if scale.size and not (np.isfinite(scale).all() and (scale > 0).all()):
+        raise CodecError("channel scales must be finite and > 0")
 
 
 def encode_pruned(
@@ -457,6 +480,11 @@ def check_record(record: Any, shape: tuple[int, ...], stored: Mapping[str, tuple
         else:
             want["indices"] = (nnz, k)
         payload = {"codebook": ("F32", [k])}
+        scale = record.get("scale")
+        if scale is not None:
+            if scale != "channel":
+                raise CodecError(f"scale {scale!r} is not 'channel' (a layer-scaled record has no 'scale')")
+            payload["scale"] = ("F32", [_channels(shape)])
     elif kind == "pruned":
         dtype = record.get("dtype")
         if dtype not in FLOAT_DTYPES:
@@ -585,12 +613,21 @@ def decode_tensor(
         if codebook.size != k:
             raise StreamError(f"codebook has {codebook.size} values, expected {k}")
         zero = codebook[:1] * np.float32(0.0)
+        scale = None
+        if record.get("scale") is not None:
+            scale = np.asarray(payload["scale"], np.float32).reshape(-1)
+            if scale.size != _channels(shape):
+                raise StreamError(f"{scale.size} channel scales for {_channels(shape)} channels")
+            try:
+                _check_scale_values(scale)
+            except CodecError as e:
+                raise StreamError(str(e)) from e
         if layout == "dense":
             sym = stream("symbols")
             if len(sym) != n:
                 raise StreamError(f"{len(sym)} symbols for {n} weights")
             table = np.concatenate([codebook, zero])  # symbol k = pruned
-            return torch.from_numpy(table[sym]).reshape(shape)
+            return _scaled(table[sym], scale, shape)
         nz = stream("indices")
         where = (
             _rowbitmap_mask(record, stream, n)
@@ -600,10 +637,10 @@ def decode_tensor(
         if len(nz) != int(record["nonzeros"]):
             raise StreamError(f"{len(nz)} indices for {record['nonzeros']} kept weights")
         if where.dtype == np.bool_:
-            return torch.from_numpy(_fill_masked(where, nz, codebook, zero[0])).reshape(shape)
+            return _scaled(_fill_masked(where, nz, codebook, zero[0]), scale, shape)
         out = np.full(n, zero[0], np.float32)
         out[where] = codebook[nz]
-        return torch.from_numpy(out).reshape(shape)
+        return _scaled(out, scale, shape)
 
     if record["kind"] == "pruned":
         dtype = FLOAT_DTYPES[record["dtype"]]
@@ -624,6 +661,15 @@ def decode_tensor(
         out[where] = values.reshape(-1, itemsize)
         return torch.from_numpy(out.reshape(-1)).view(dtype).reshape(shape)
     raise StreamError(f"unknown tensor kind {record['kind']!r}")
+
+
+def _scaled(flat: np.ndarray, scale: np.ndarray | None, shape: tuple[int, ...]) -> torch.Tensor:
+    """The decoded float32 ``codebook[indices] * mask`` (flat), times ``scale[c]`` along dim 0 when there is one,
+    in place: the second float32 product the quantized model does (`quantize._lookup`), so the result is bit for
+    bit its weight."""
+    if scale is not None:
+        flat.reshape(_channels(shape), -1)[...] *= scale.reshape(-1, 1)
+    return torch.from_numpy(flat).reshape(shape)
 
 
 def record_streams(record: dict[str, Any]) -> list[str]:

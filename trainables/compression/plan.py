@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from trainables.contract import MAX_BITS, PRUNE_MODES, QUANT_MODES
+from trainables.contract import MAX_BITS, PRUNE_MODES, QUANT_MODES, SCALE_MODES
 
 
 class PlanError(ValueError):
@@ -69,12 +69,15 @@ class GroupPlan:
 
     ``prune``: ``"abs"`` (drop |w| < threshold), ``"sigma"`` (drop |w| < threshold·std of the layer) or ``"none"``.
     ``quant``: ``"uniform"`` (2^bits linear levels), ``"kmeans"`` (2^bits trained shared values) or ``"none"``.
+    ``scale``: ``"layer"`` (one codebook per layer) or ``"channel"`` (``kmeans`` only: the codebook is shared over
+    each output channel divided by its own scale; `quantize.quantize_module`).
     """
 
     prune: str = "abs"
     threshold: float = 0.0
     quant: str = "kmeans"
     bits: int = 8
+    scale: str = "layer"
 
     def __post_init__(self) -> None:
         self.check("GroupPlan")
@@ -85,12 +88,21 @@ class GroupPlan:
         _check_number(source, f"{prefix}threshold", self.threshold)
         _check_choice(source, f"{prefix}quant", self.quant, QUANT_MODES)
         _check_int(source, f"{prefix}bits", self.bits, minimum=1, maximum=MAX_BITS)
+        _check_choice(source, f"{prefix}scale", self.scale, SCALE_MODES)
+        if self.scale == "channel" and self.quant == "uniform":
+            raise PlanError(
+                f"{source}: {prefix}scale = 'channel' with {prefix}quant = 'uniform' is not supported; "
+                "per-channel scales need quant 'kmeans' (or use scale 'layer' with 'uniform')"
+            )
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], source: str = "plan", prefix: str = "") -> GroupPlan:
         if not isinstance(d, Mapping):
             raise _fail(
-                source, prefix.rstrip(".") or "group", d, "expected a mapping of prune/threshold/quant/bits"
+                source,
+                prefix.rstrip(".") or "group",
+                d,
+                "expected a mapping of prune/threshold/quant/bits/scale",
             )
         _check_keys(source, prefix, d, [f.name for f in fields(cls)])
         plan = cls.__new__(cls)
@@ -101,12 +113,16 @@ class GroupPlan:
         return plan
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "prune": self.prune,
             "threshold": float(self.threshold),
             "quant": self.quant,
             "bits": int(self.bits),
         }
+        # Only when set: a layer-scaled plan (and the artifact header that stores it) reads as before the key.
+        if self.scale != SCALE_MODES[0]:
+            out["scale"] = self.scale
+        return out
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """Per-layer weight quantization on any ``nn.Module``: ``uniform`` (b-bit linear, straight-through) and trained ``kmeans``.
 
 Both modes are ``torch.nn.utils.parametrize`` parametrizations of the module's ``weight``, so the module's own
-``forward`` runs unchanged. The effective weight is always ``codebook[indices] * mask.to(float32)`` in float32;
+``forward`` runs unchanged. The effective weight is always ``codebook[indices] * mask.to(float32)`` in float32,
+times ``scale[c]`` along dim 0 for a kmeans layer quantized with per-output-channel scales (``scale="channel"``);
 ``quantized_view`` exposes exactly those tensors for the codec, which decodes them into a dense model that computes
 the same outputs.
 
@@ -10,6 +11,11 @@ the same outputs.
   itself (``module.parametrizations.weight.original``, shape (2^b,)), the indices are fixed buffers (the smallest
   integer dtype for 2^b), and the backward sums each cluster's gradients into its centroid (a weighted ``bincount``,
   `_CodebookGather`); pruned weights stay exactly 0.
+- ``kmeans`` with ``scale="channel"``: each output channel (dim 0: Linear rows, conv filters, depthwise filters) is
+  divided by its scale ``s[c]`` = max |w| of its kept weights before the one shared Lloyd codebook is fit, and the
+  effective weight is ``(codebook[indices] * mask) * s[c]``, in that order. A layer whose channels differ by 100x in
+  scale (folded batch norm) would otherwise spend nearly all its centroids on its largest channels. ``s`` is a
+  fixed float32 buffer: only the codebook is trained (see `quantize_module`).
 - ``uniform``: 2^b levels evenly spaced over [min, max] of the kept weights, fixed at quantization time. The latent
   full-precision weight is the trainable tensor; the forward uses its nearest level, the backward passes the
   gradient straight through (masked, so pruned latent weights get none).
@@ -32,17 +38,19 @@ from torch import nn
 from torch.nn.utils import prune as torch_prune
 
 from trainables.compression.kmeans1d import kmeans_1d
+from trainables.contract import SCALE_MODES
 
 QUANT_MODES = ("uniform", "kmeans")
 
 
 @dataclass
 class QuantView:
-    """What a quantized weight is made of: ``effective weight == codebook[indices] * mask.to(float32)``.
+    """What a quantized weight is made of: ``effective weight == codebook[indices] * mask.to(float32)``, times
+    ``scale`` along dim 0 when there is one.
 
     ``codebook``: float32, ``2**bits`` values. ``indices``: int64, the weight's shape (value at pruned positions is
     irrelevant; it is 0 here). ``mask``: bool, the weight's shape, True where the weight is kept. ``mode``:
-    ``"uniform"`` or ``"kmeans"``.
+    ``"uniform"`` or ``"kmeans"``. ``scale``: float32, one positive value per output channel (dim 0), or None.
     """
 
     codebook: torch.Tensor
@@ -50,6 +58,7 @@ class QuantView:
     mask: torch.Tensor
     bits: int
     mode: str
+    scale: torch.Tensor | None = None
 
 
 def index_dtype(k: int) -> torch.dtype:
@@ -68,34 +77,54 @@ def _chunks(*tensors: torch.Tensor):
         yield tuple(f[start : start + _CHUNK] for f in flat)
 
 
-def _lookup(codebook: torch.Tensor, indices: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``codebook[indices] * mask.to(float32)``, bit for bit (``x * 1.0``, ``x * 0.0``), as one weight-sized tensor:
-    chunk by chunk, so neither an int64 copy of the indices nor a float copy of the mask is made."""
+def _channel_view(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as (dim 0, everything else): the shape a per-output-channel scale broadcasts over."""
+    return t.reshape(t.shape[0], -1) if t.dim() else t.reshape(1, 1)
+
+
+def _lookup(
+    codebook: torch.Tensor, indices: torch.Tensor, mask: torch.Tensor, scale: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``codebook[indices] * mask.to(float32)``, bit for bit (``x * 1.0``, ``x * 0.0``), then ``* scale[c]`` along
+    dim 0 when given (the codec's decoder does the same two float32 products in the same order), as one
+    weight-sized tensor: chunk by chunk, so neither an int64 copy of the indices nor a float copy of the mask is
+    made, and the scale is applied in place."""
     out = torch.empty(indices.shape, dtype=codebook.dtype, device=codebook.device)
     for o, idx, keep in _chunks(out, indices, mask):
         torch.index_select(codebook, 0, idx.to(torch.int32), out=o)
         o.mul_(keep)
+    if scale is not None:
+        _channel_view(out).mul_(scale.reshape(-1, 1))
     return out
 
 
 class _CodebookGather(torch.autograd.Function):
-    """``codebook[indices] * mask`` whose backward is a weighted ``bincount`` (each cluster's summed, masked
-    gradient, accumulated in float64 chunk by chunk) instead of autograd's index backward, which sorts an int64
-    copy of every index (gigabytes for the whitening)."""
+    """``codebook[indices] * mask`` (``* scale[c]`` when given) whose backward is a weighted ``bincount`` (each
+    cluster's summed, masked gradient, accumulated in float64 chunk by chunk) instead of autograd's index backward,
+    which sorts an int64 copy of every index (gigabytes for the whitening). With a scale, the backward first makes
+    one weight-sized ``grad * scale[c]`` (only then: the unscaled path allocates nothing weight-sized)."""
 
     @staticmethod
-    def forward(ctx: Any, codebook: torch.Tensor, indices: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(indices, mask)
+    def forward(
+        ctx: Any,
+        codebook: torch.Tensor,
+        indices: torch.Tensor,
+        mask: torch.Tensor,
+        scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        ctx.save_for_backward(indices, mask, scale)
         ctx.k = codebook.numel()
-        return _lookup(codebook, indices, mask)
+        return _lookup(codebook, indices, mask, scale)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        indices, mask = ctx.saved_tensors
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        indices, mask, scale = ctx.saved_tensors
+        if scale is not None:
+            grad = (_channel_view(grad) * scale.reshape(-1, 1)).reshape(grad.shape)
         total = torch.zeros(ctx.k, dtype=torch.float64, device=grad.device)
         for g, idx, keep in _chunks(grad, indices, mask):
             total += torch.bincount(idx, weights=g.double().mul_(keep), minlength=ctx.k)
-        return total.to(grad.dtype), None, None
+        return total.to(grad.dtype), None, None, None
 
 
 class _EvalCache:
@@ -132,15 +161,33 @@ class _EvalCache:
 
 
 class KMeansWeight(nn.Module):
-    """Parametrization ``codebook -> codebook[indices] * mask``; its trainable input is the (2^bits,) codebook."""
+    """Parametrization ``codebook -> codebook[indices] * mask`` (``* scale[c]`` along dim 0 when ``scale`` is
+    given: float32, one positive value per output channel, a fixed buffer); its trainable input is the (2^bits,)
+    codebook."""
 
     mode = "kmeans"
 
-    def __init__(self, indices: torch.Tensor, mask: torch.Tensor, bits: int, codebook: torch.Tensor) -> None:
+    def __init__(
+        self,
+        indices: torch.Tensor,
+        mask: torch.Tensor,
+        bits: int,
+        codebook: torch.Tensor,
+        scale: torch.Tensor | None = None,
+    ) -> None:
         super().__init__()
         self.bits = bits
         self.register_buffer("indices", indices.to(index_dtype(2**bits)))
         self.register_buffer("mask", mask.to(torch.bool))
+        if scale is not None and (
+            scale.dim() != 1 or scale.numel() != (indices.shape[0] if indices.dim() else 1)
+        ):
+            raise ValueError(
+                f"scale has shape {tuple(scale.shape)}, expected ({indices.shape[0] if indices.dim() else 1},): "
+                "one value per output channel (dim 0 of the weight)"
+            )
+        # None: a layer-scaled weight, whose state dict has no 'scale' key (files and checkpoints as before).
+        self.register_buffer("scale", None if scale is None else scale.to(torch.float32))
         # The Lloyd result: what an empty cluster keeps in ``right_inverse``. Not saved: it is only used there.
         self.register_buffer("fallback", codebook.to(torch.float32), persistent=False)
         # Handed out by the first right_inverse call (the registration): the Lloyd codebook as it is, without a
@@ -149,29 +196,49 @@ class KMeansWeight(nn.Module):
         self._cache = _EvalCache()
 
     def forward(self, codebook: torch.Tensor) -> torch.Tensor:
+        if self.scale is None:
+            return self._cache.get(
+                lambda: _CodebookGather.apply(codebook, self.indices, self.mask),
+                codebook,
+                self.indices,
+                self.mask,
+            )
         return self._cache.get(
-            lambda: _CodebookGather.apply(codebook, self.indices, self.mask),
+            lambda: _CodebookGather.apply(codebook, self.indices, self.mask, self.scale),
             codebook,
             self.indices,
             self.mask,
+            self.scale,
         )
 
     def right_inverse(self, weight: torch.Tensor) -> torch.Tensor:
-        """The least-squares codebook for ``weight`` with the indices fixed: each cluster's mean over kept entries
-        (an empty cluster keeps its Lloyd centroid). At registration: the Lloyd codebook itself."""
+        """The least-squares codebook for ``weight`` with the indices (and scales) fixed: each cluster's mean over
+        kept entries -- with scales, sum(s·w) / sum(s²) over them -- (an empty cluster keeps its Lloyd centroid).
+        At registration: the Lloyd codebook itself."""
         if self._pending is not None:
             codebook, self._pending = self._pending.clone(), None
             return codebook
         k = self.fallback.numel()
         sums = torch.zeros(k, dtype=torch.float64, device=weight.device)
-        counts = torch.zeros(k, dtype=torch.int64, device=weight.device)
+        norms = torch.zeros(k, dtype=torch.float64, device=weight.device)
+        w_all = weight.detach()
+        if self.scale is None:
+            s_all = None
+        else:  # one weight-sized tensor, only for a channel-scaled layer
+            s_all = _channel_view(torch.ones_like(w_all)).mul_(self.scale.reshape(-1, 1).to(w_all.device))
         # float64 sums (a cluster can hold millions of weights), in chunks so no n-sized float64 copy is made.
-        for w, idx, keep in _chunks(weight.detach(), self.indices, self.mask):
+        for parts in _chunks(w_all, self.indices, self.mask, *(() if s_all is None else (s_all,))):
+            w, idx, keep = parts[:3]
             idx = idx[keep].long()
-            sums.index_add_(0, idx, w[keep].double())
-            counts += torch.bincount(idx, minlength=k)
-        means = (sums / counts.clamp(min=1)).to(torch.float32)
-        return torch.where(counts > 0, means, self.fallback.to(weight.device))
+            if s_all is None:
+                sums.index_add_(0, idx, w[keep].double())
+                norms += torch.bincount(idx, minlength=k)
+            else:
+                s = parts[3][keep].double()
+                sums.index_add_(0, idx, w[keep].double() * s)
+                norms.index_add_(0, idx, s * s)
+        means = (sums / torch.where(norms > 0, norms, torch.ones_like(norms))).to(torch.float32)
+        return torch.where(norms > 0, means, self.fallback.to(weight.device))
 
 
 def _gather(w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -281,12 +348,16 @@ def quantized_view(module: nn.Module) -> QuantView | None:
         if isinstance(p, KMeansWeight):
             codebook = module.parametrizations["weight"].original.detach().clone()
             indices = p.indices.long()
+            scale = None if p.scale is None else p.scale.clone()
         else:
+            scale = None
             codebook = p.codebook.clone()
             latent = module.parametrizations["weight"].original.detach()
             indices = _uniform_indices(latent, codebook)
         indices = indices.masked_fill(~p.mask, 0)
-    return QuantView(codebook=codebook, indices=indices, mask=p.mask.clone(), bits=p.bits, mode=p.mode)
+    return QuantView(
+        codebook=codebook, indices=indices, mask=p.mask.clone(), bits=p.bits, mode=p.mode, scale=scale
+    )
 
 
 def prune_mask(module: nn.Module) -> torch.Tensor | None:
@@ -304,14 +375,39 @@ def effective_weight(module: nn.Module) -> torch.Tensor:
     return module.weight
 
 
-def quantize_module(module: nn.Module, mode: str, bits: int, *, kmeans_iters: int = 30) -> dict[str, Any]:
+def channel_scales(w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-output-channel scales of ``w`` (dim 0): max |w| over each channel's kept entries, float32; 1 for a
+    channel with no nonzero kept weight (any positive value decodes it to zeros).
+
+    Max rather than RMS: on the embedded base (EfficientNet-Lite0, folded batch norm; k-means of the conv group
+    after training, no pruning) max gave the lower validation drops at 4 and 5 bits when the option was built."""
+    a = _channel_view(w.detach().abs() * mask)
+    s = a.amax(dim=1).to(torch.float32) if a.shape[1] else torch.zeros(a.shape[0], device=w.device)
+    return torch.where(s > 0, s, torch.ones_like(s))
+
+
+def quantize_module(
+    module: nn.Module, mode: str, bits: int, *, kmeans_iters: int = 30, scale: str = "layer"
+) -> dict[str, Any]:
     """Quantize ``module.weight`` in place (see the module docstring) and return ``{"mode", "bits", "kept", "mse",
-    "kmeans_iterations"}``; ``mse`` is over the kept weights, against the weights before quantization.
+    "kmeans_iterations"}`` (``"scale": "channel"`` added for a channel-scaled layer); ``mse`` is over the kept
+    weights, against the weights before quantization.
+
+    ``scale``: ``"layer"`` (one codebook for the raw weights) or ``"channel"`` (kmeans only: the codebook is fit to
+    each output channel divided by `channel_scales`, which the effective weight multiplies back). The scales are
+    fixed, not trained: the trained codebook already moves every channel's levels together, and a fixed buffer
+    keeps the decoded weight a pure function of stored tensors.
 
     A prune mask, if any, is kept (pruned entries stay 0); without one, the exact zeros of the weight are the pruned
     entries. The weight must be float32 and not already quantized (``strip_compression`` first)."""
     if mode not in QUANT_MODES:
         raise ValueError(f"quantization mode {mode!r} is not one of {QUANT_MODES}")
+    if scale not in SCALE_MODES:
+        raise ValueError(f"scale {scale!r} is not one of {SCALE_MODES}")
+    if scale == "channel" and mode != "kmeans":
+        raise ValueError(
+            f"scale 'channel' needs mode 'kmeans' (uniform levels are not channel-scaled); got mode {mode!r}"
+        )
     if not (isinstance(bits, int) and 1 <= bits <= 16):
         raise ValueError(f"bits = {bits!r}: must be an integer in 1..16")
     if parametrize.is_parametrized(module, "weight"):
@@ -330,7 +426,10 @@ def quantize_module(module: nn.Module, mode: str, bits: int, *, kmeans_iters: in
     if mask is None:
         mask = w != 0
     dense = bool(mask.all())
-    kept = w.reshape(-1) if dense else _gather(w, mask)
+    scales = channel_scales(w, mask) if scale == "channel" else None
+    # The values the codebook is fit to: the weights, or each channel over its scale (a temporary only then).
+    fit = w if scales is None else (_channel_view(w) / scales.reshape(-1, 1)).reshape(w.shape)
+    kept = fit.reshape(-1) if dense else _gather(fit, mask)
     k = 2**bits
     iterations = 0
     if mode == "kmeans":
@@ -339,10 +438,11 @@ def quantize_module(module: nn.Module, mode: str, bits: int, *, kmeans_iters: in
         found = torch.from_numpy(res.indices)
         indices = found.view(w.shape).to(w.device) if dense else _scatter(found, mask)
         centroids = torch.from_numpy(res.centroids).to(torch.float32).to(w.device)
-        param: nn.Module = KMeansWeight(indices, mask, bits, centroids)
+        param: nn.Module = KMeansWeight(indices, mask, bits, centroids, scales)
         # The codebook is Lloyd's, the indices its nearest-centroid assignment: its error is Lloyd's (computed on
-        # the sorted values in float64; the float32 rounding of the centroids is far below it).
-        mse = res.mse
+        # the sorted values in float64; the float32 rounding of the centroids is far below it). Channel-scaled,
+        # Lloyd's error is in the scaled values: measured on the weight below instead.
+        mse = res.mse if scales is None else None
     else:
         lo, hi = (float(kept.min()), float(kept.max())) if kept.numel() else (0.0, 0.0)
         codebook = torch.linspace(lo, hi, k, dtype=torch.float32, device=w.device)
@@ -353,13 +453,16 @@ def quantize_module(module: nn.Module, mode: str, bits: int, *, kmeans_iters: in
         with torch.no_grad():
             mse = _masked_mse(module.weight, w, mask)
         param._cache.clear()  # not held while the next layers are quantized
-    return {
+    row = {
         "mode": mode,
         "bits": bits,
         "kept": int(kept.numel()),
         "mse": mse,
         "kmeans_iterations": iterations,
     }
+    if scales is not None:
+        row["scale"] = scale
+    return row
 
 
 def strip_compression(model: nn.Module) -> nn.Module:

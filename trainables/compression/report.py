@@ -104,6 +104,8 @@ def _encoding(rec: dict[str, Any]) -> str:
         parts.append(f"values:{rec['dtype']}")
     if rec["kind"] == "pruned" and layout == "dense":
         parts.append(f"raw {rec['dtype']}")
+    if rec.get("scale") == "channel":
+        parts.append(f"scale:float32x{rec['shape'][0] if rec['shape'] else 1}")
     return f"{layout} ({', '.join(parts)})" if parts else layout
 
 

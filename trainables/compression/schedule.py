@@ -86,7 +86,7 @@ def quantize_and_finetune(
         gp = plan.groups[group]
         if gp.quant == "none":
             continue
-        row = quantize_module(module, gp.quant, gp.bits, kmeans_iters=plan.kmeans_iters)
+        row = quantize_module(module, gp.quant, gp.bits, kmeans_iters=plan.kmeans_iters, scale=gp.scale)
         layers.append({"group": group, "layer": name, **row})
     losses = _train(train_fn, model, plan.quant_steps, None)
     return {"layers": layers, "losses": losses, "sparsity": sparsity_report(model, mine)}
