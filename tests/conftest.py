@@ -32,6 +32,16 @@ REPO = Path(__file__).resolve().parents[1]
 SYSTEM_DEPS = REPO / ".ci" / "system-deps.sh"
 
 
+def load_benchmark(script: Path):
+    """A script of ``benchmarks/`` imported as a module (they are scripts, not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(script.stem, script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def fail_missing_system_tools(missing: list[str]) -> None:
     """Fail (never skip) a test whose system tools are missing, naming the command that installs them."""
     if missing:
