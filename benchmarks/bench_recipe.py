@@ -15,10 +15,12 @@ same size:
 Each file is written with the codec, decoded into a fresh model and measured on the validation and the test split;
 drops are relative to the dense base on the same split. The operating points are chosen on validation.
 
-    python benchmarks/bench_recipe.py --base DIR [--space smoke.yaml] [--threads 1] [--json out.json]
+    python benchmarks/bench_recipe.py --base DIR [--space smoke.yaml] [--scale layer|channel] [--threads 1]
+        [--json out.json]
 
 ``--base``: a base folder (``python -m trainables.base --preset embedded --out DIR``); without it the embedded base
-is built into a temporary folder first.
+is built into a temporary folder first. ``--scale``: the trial parameter ``scale`` of every group (one codebook per
+layer, or per-output-channel scales; default: the space's value).
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from trainables.compression.plan import CompressionPlan
 from trainables.compression.prune import prune_layers, sparsity_report
 from trainables.compression.quantize import effective_weight
 from trainables.compression.schedule import quantize_and_finetune, sparsify
-from trainables.contract import resolve_trial_config
+from trainables.contract import SCALE_MODES, resolve_trial_config
 from trainables.data.registry import load_dataset
 from trainables.retrieval.evaluate import evaluate_dataset
 
@@ -148,7 +150,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--base", type=Path, default=None, help="base folder (default: build the embedded base)")
     p.add_argument("--space", default="smoke.yaml", help="search space whose fixed values are the recipe")
-    p.add_argument("--points", nargs="+", default=list(POINTS), choices=list(POINTS))
+    p.add_argument("--points", nargs="*", default=list(POINTS), choices=list(POINTS))
+    p.add_argument(
+        "--point",
+        action="append",
+        default=[],
+        metavar="NAME:K=V,K=V",
+        help="a further operating point, e.g. 'c3:bits=3,threshold_conv=0' (trial parameters, YAML values)",
+    )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-distill", action="store_true", help="retrain on the triplet loss alone")
     p.add_argument(
@@ -164,6 +173,12 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         metavar="NAME=VALUE",
         help="override fixed values (YAML values), for tuning",
+    )
+    p.add_argument(
+        "--scale",
+        choices=SCALE_MODES,
+        default=None,
+        help="codebook scale of every group (trial parameter 'scale'; default: the space's)",
     )
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
@@ -182,14 +197,20 @@ def main(argv: list[str] | None = None) -> int:
         }
         fixed = dict(load_search_space(args.space).fixed)
         fixed.update({k: _value(v) for k, v in (item.split("=", 1) for item in args.set)})
+        if args.scale is not None:
+            fixed["scale"] = args.scale
         base_bytes = (Path(base_dir) / MODEL_FILE).stat().st_size
+        points = {name: POINTS[name] for name in args.points}
+        for item in args.point:
+            name, _, params = item.partition(":")
+            points[name] = {k: _value(v) for k, v in (kv.split("=", 1) for kv in params.split(","))}
         rows = {}
-        for name in args.points:
+        for name in points:
             miner = trial_miner(meta, cfg["data_root"], seed=0)
             rows[name] = run_point(
                 Path(base_dir),
                 fixed,
-                POINTS[name],
+                points[name],
                 splits,
                 miner,
                 device,
@@ -207,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, arms in rows.items():
         for arm in [a for a in ("no retraining", "no L1", "recipe") if a in arms]:
             r = arms[arm]
-            params = ", ".join(f"{k}={v}" for k, v in POINTS[name].items())
+            params = ", ".join(f"{k}={v}" for k, v in points[name].items())
             print(
                 f"| {name} | {params} | {base_bytes / r['file_bytes']:.1f} | {r['sparsity']:.1%} | {arm} | "
                 f"{r['val_mAP']:.4f} | {r['val_drop']:.2%} | {r['test_mAP']:.4f} | {r['test_drop']:.2%} |"

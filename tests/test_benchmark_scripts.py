@@ -4,14 +4,13 @@ compiles and every flag it passes exists; `benchmarks/bench_real_size.py` answer
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, load_benchmark
 
 GPU_CHECK = REPO / "benchmarks" / "gpu_check.sh"
 BENCH = REPO / "benchmarks" / "bench_real_size.py"
@@ -19,10 +18,7 @@ BENCH = REPO / "benchmarks" / "bench_real_size.py"
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_real_size", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark(BENCH)
 
 
 def _help(*cmd: str) -> str:
