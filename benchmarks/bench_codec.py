@@ -32,10 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 from bench_poster import compress, realistic_netvlad  # noqa: E402  (imports faiss before torch itself)
-from safetensors import safe_open  # noqa: E402
 from torch.nn.utils import parametrize  # noqa: E402
 
-from trainables.compression.codec import load_compressed, read_header, save_compressed  # noqa: E402
+from trainables.compression.codec import load_compressed, save_compressed  # noqa: E402
+from trainables.compression.container import read_tensors  # noqa: E402
 from trainables.compression.quantize import KMeansWeight  # noqa: E402
 
 MIB = 1 << 20
@@ -49,25 +49,24 @@ def rebuild_quantized(path: Path) -> tuple[torch.nn.Module, dict]:
     """The quantized model stored in ``path``, with its k-means parametrizations registered again: every quantized
     weight's indices are recovered from its decoded values and codebook (exact matches only), its mask from the
     stored zeros. Returns ``(model, header)``."""
-    header = read_header(path)[0]
+    header, stored = read_tensors(path)
     model = load_compressed(path)
-    with safe_open(str(path), framework="pt") as f:
-        for key, rec in header["tensors"].items():
-            if rec["kind"] != "quantized":
-                continue
-            if rec["mode"] != "kmeans":
-                raise SystemExit(f"--from rebuilds k-means layers only; {key} is {rec['mode']}")
-            module = model.get_submodule(key.rsplit(".", 1)[0])
-            codebook = f.get_tensor(f"{key}::codebook")
-            w = module.weight.detach()
-            mask = w != 0
-            order = torch.argsort(codebook)
-            pos = torch.searchsorted(codebook[order], w.reshape(-1)).clamp_(max=len(codebook) - 1)
-            indices = order[pos].reshape(w.shape).to(torch.int32).masked_fill_(~mask, 0)
-            if not torch.equal(codebook[indices] * mask, w) or int(mask.sum()) != rec["nonzeros"]:
-                raise SystemExit(f"{key}: cannot recover the indices from the decoded weight")
-            param = KMeansWeight(indices, mask, int(rec["bits"]), codebook)
-            parametrize.register_parametrization(module, "weight", param, unsafe=True)
+    for key, rec in header["tensors"].items():
+        if rec["kind"] != "quantized":
+            continue
+        if rec["mode"] != "kmeans":
+            raise SystemExit(f"--from rebuilds k-means layers only; {key} is {rec['mode']}")
+        module = model.get_submodule(key.rsplit(".", 1)[0])
+        codebook = stored[f"{key}::codebook"]
+        w = module.weight.detach()
+        mask = w != 0
+        order = torch.argsort(codebook)
+        pos = torch.searchsorted(codebook[order], w.reshape(-1)).clamp_(max=len(codebook) - 1)
+        indices = order[pos].reshape(w.shape).to(torch.int32).masked_fill_(~mask, 0)
+        if not torch.equal(codebook[indices] * mask, w) or int(mask.sum()) != rec["nonzeros"]:
+            raise SystemExit(f"{key}: cannot recover the indices from the decoded weight")
+        param = KMeansWeight(indices, mask, int(rec["bits"]), codebook)
+        parametrize.register_parametrization(module, "weight", param, unsafe=True)
     return model, header
 
 

@@ -43,9 +43,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import zstandard
-from safetensors import safe_open
 
-from trainables.compression.codec import read_header
+from trainables.compression.container import read_tensors
 from trainables.compression.layouts import decode_tensor, encode_quantized
 from trainables.compression.report import read_size_report, record_order0_bytes
 from trainables.compression.streams import symbol_dtype
@@ -55,13 +54,12 @@ NNCODEC_SCRIPT = Path(__file__).with_name("nncodec_levels.py")
 
 
 def _levels(
-    path: Path, key: str, rec: dict, index: dict
+    path: Path, key: str, rec: dict, stored: dict[str, torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``(codebook, indices int32, mask, scale or None)`` of one quantized layer, recovered exactly from its decoded
     weight (decoded without its per-channel scales, so each kept weight is exactly one codebook value)."""
     prefix = key + "::"
-    with safe_open(str(path), framework="np") as f:
-        payload = {n[len(prefix) :]: f.get_tensor(n) for n in index if n.startswith(prefix)}
+    payload = {n[len(prefix) :]: t.numpy() for n, t in stored.items() if n.startswith(prefix)}
     unscaled = {k: v for k, v in rec.items() if k != "scale"}
     w = decode_tensor(unscaled, payload).reshape(-1)
     codebook = torch.from_numpy(np.asarray(payload["codebook"], np.float32).copy())
@@ -226,13 +224,13 @@ def _total_row(name: str, label: str, rows: list[dict]) -> str:
 
 def bench_file(path: Path, args: argparse.Namespace, wanted: set[str] | None) -> list[str]:
     """The table rows of one artifact (per layer, totals, the whole file)."""
-    header, index, _, _ = read_header(path)
+    header, stored = read_tensors(path)
     rows: list[dict] = []
     nn_levels: dict[str, np.ndarray] = {}
     for key, rec in header["tensors"].items():
         if rec["kind"] != "quantized" or (wanted is not None and key not in wanted):
             continue
-        codebook, indices, mask, scale = _levels(path, key, rec, index)
+        codebook, indices, mask, scale = _levels(path, key, rec, stored)
         bits, mode = int(rec["bits"]), str(rec["mode"])
         t0 = time.perf_counter()
         scaled = {} if scale is None else {"scale": scale}

@@ -10,10 +10,9 @@ import sys
 import numpy as np
 import pytest
 from conftest import REPO, load_benchmark
-from safetensors import safe_open
 from tiny_artifacts import tiny_artifact
 
-from trainables.compression.container import read_header
+from trainables.compression.container import read_tensors
 from trainables.compression.layouts import decode_tensor
 
 BENCH = REPO / "benchmarks" / "bench_coders.py"
@@ -82,12 +81,12 @@ def test_all_pruned_layer_has_only_zero_levels(bench):
 
 
 def test_levels_of_a_real_artifact_round_trip_through_the_npz(bench, artifact, tmp_path):
-    header, index, _, _ = read_header(artifact)
+    header, stored = read_tensors(artifact)
     quantized = {k: r for k, r in header["tensors"].items() if r["kind"] == "quantized"}
     assert quantized, "the tiny artifact should have quantized layers"
     tables = {}
     for key, rec in quantized.items():
-        codebook, indices, mask, _scale = bench._levels(artifact, key, rec, index)
+        codebook, indices, mask, _scale = bench._levels(artifact, key, rec, stored)
         levels = _check_levels(bench, codebook.numpy(), indices.numpy(), mask.numpy())
         tables[key] = (levels, *bench.value_rank_levels(codebook.numpy(), indices.numpy(), mask.numpy())[1:])
     npz = tmp_path / "levels.npz"
@@ -97,11 +96,9 @@ def test_levels_of_a_real_artifact_round_trip_through_the_npz(bench, artifact, t
         assert list(f.files) == list(tables)
         for key, (_, order, negatives) in tables.items():
             back, back_mask = bench.indices_from_levels(f[key], order, negatives)
-            payload = {}
-            with safe_open(str(artifact), framework="np") as st:
-                for n in index:
-                    if n.startswith(key + prefix):
-                        payload[n[len(key + prefix) :]] = st.get_tensor(n)
+            payload = {
+                n[len(key + prefix) :]: t.numpy() for n, t in stored.items() if n.startswith(key + prefix)
+            }
             rec = {k: v for k, v in quantized[key].items() if k != "scale"}
             weight = decode_tensor(rec, payload).numpy()
             rebuilt = np.where(back_mask, payload["codebook"][back], 0).reshape(weight.shape)

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from legacy_artifacts import write_legacy
 from torch import nn
 
 from trainables.compression import container, layouts, streams
@@ -352,21 +353,48 @@ def test_trailing_bytes_are_refused(saved: Path) -> None:
         load_compressed(saved)
 
 
-def test_tampered_payload_names_the_tensor(saved: Path) -> None:
-    _, index, header_bytes, _ = read_header(saved)
-    name = "3.weight::codebook"
-    start = header_bytes + index[name]["data_offsets"][0]
+def _stored_span(path: Path, tensor: str) -> tuple[int, int]:
+    """The byte range of one tensor of the safetensors file itself (version 3: ``header`` or ``payload``)."""
+    data = path.read_bytes()
+    hlen = int.from_bytes(data[:8], "little")
+    start, end = json.loads(data[8 : 8 + hlen])[tensor]["data_offsets"]
+    return 8 + hlen + start, 8 + hlen + end
+
+
+def test_tampered_payload_is_refused(saved: Path) -> None:
+    _, index, header_bytes, size = read_header(saved)
+    assert _stored_span(saved, container.PAYLOAD_TENSOR) == (header_bytes, size)  # the payload ends the file
+    start = header_bytes + index["3.weight::codebook"]["data_offsets"][0]
     data = bytearray(saved.read_bytes())
     data[start] ^= 0x01
     saved.write_bytes(bytes(data))
-    with pytest.raises(CodecError, match=r"checksum mismatch in tensor '3\.weight::codebook'"):
+    with pytest.raises(CodecError, match=r"toy\.safetensors: checksum mismatch in the payload"):
         load_compressed(saved)
+
+
+def test_tampered_version_2_payload_names_the_tensor(saved: Path, tmp_path: Path) -> None:
+    header, tensors = container.read_tensors(saved)
+    old = tmp_path / "v2.safetensors"
+    write_legacy(old, header, tensors, 2)
+    _, index, header_bytes, _ = read_header(old)
+    start = header_bytes + index["3.weight::codebook"]["data_offsets"][0]
+    data = bytearray(old.read_bytes())
+    data[start] ^= 0x01
+    old.write_bytes(bytes(data))
+    with pytest.raises(CodecError, match=r"checksum mismatch in tensor '3\.weight::codebook'"):
+        load_compressed(old)
 
 
 def test_tampered_header_is_refused(saved: Path) -> None:
     data = saved.read_bytes()
-    saved.write_bytes(data.replace(b'\\"channels\\":8', b'\\"channels\\":9', 1))
-    with pytest.raises(CodecError, match="header checksum mismatch"):
+    start, end = _stored_span(saved, container.HEADER_TENSOR)
+    flipped = bytearray(data)
+    flipped[(start + end) // 2] ^= 0x04
+    saved.write_bytes(bytes(flipped))
+    with pytest.raises(CodecError, match="header checksum mismatch: the compressed header was altered"):
+        load_compressed(saved)
+    saved.write_bytes(data.replace(b'\\"format_version\\":3', b'\\"format_version\\":2', 1))
+    with pytest.raises(CodecError, match="header checksum mismatch: the 'vladsweep' metadata was altered"):
         load_compressed(saved)
     saved.write_bytes(data[:8] + b"{not json" + data[17:])
     with pytest.raises(CodecError, match="not parsable"):
@@ -376,14 +404,66 @@ def test_tampered_header_is_refused(saved: Path) -> None:
         load_compressed(saved)
 
 
+def _with_descriptor(path: Path, edit) -> None:
+    """``path`` with its version-3 descriptor changed by ``edit`` and its checksum recomputed (a crafted file)."""
+    data = path.read_bytes()
+    hlen = int.from_bytes(data[:8], "little")
+    index = json.loads(data[8 : 8 + hlen])
+    descriptor = json.loads(index["__metadata__"][container.META_KEY])
+    edit(descriptor)
+    text = json.dumps(descriptor)
+    index["__metadata__"] = {
+        container.META_KEY: text,
+        container.META_CHECKSUM_KEY: container._json_checksum(text),
+    }
+    raw = json.dumps(index, separators=(",", ":")).encode()
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + hlen :])
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda d: d["header"].update(bytes=1 << 40), r"'bytes': 1\.\.67108864"),
+        (
+            lambda d: d["header"].update(bytes=d["header"]["bytes"] + 1),
+            r"zstd frame holds \d+ bytes, expected",
+        ),
+        (lambda d: d["header"].update(coding="gzip"), "header descriptor"),
+        (lambda d: d.update(format_version=2), "has no 'checksums' object"),
+    ],
+)
+def test_a_crafted_header_descriptor_is_refused_before_decompressing(saved: Path, edit, message: str) -> None:
+    _with_descriptor(saved, edit)
+    with pytest.raises(CodecError, match=message):
+        load_compressed(saved)
+
+
+def test_the_header_is_a_small_part_of_the_file(saved: Path, tmp_path: Path) -> None:
+    """Version 3 packs what version 2 spent on per-tensor index entries and checksums and a plain JSON header."""
+    report = read_size_report(saved)
+    header, tensors = container.read_tensors(saved)
+    old = tmp_path / "v2.safetensors"
+    write_legacy(old, header, tensors, 2)
+    before = read_size_report(old)
+    assert report.totals["payload_bytes"] == before.totals["payload_bytes"]
+    assert report.totals["overhead_bytes"] < 0.5 * before.totals["overhead_bytes"], (
+        report.totals,
+        before.totals,
+    )
+    assert [r.payload_bytes for r in report.layers] == [r.payload_bytes for r in before.layers]
+
+
 def test_unknown_format_version_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "future.safetensors"
     monkeypatch.setattr(container, "FORMAT_VERSION", 99)
+    monkeypatch.setattr(container, "WRITABLE_VERSIONS", (99,))
     monkeypatch.setattr(container, "READABLE_VERSIONS", (99,))
     save_compressed(compressed_toy(4, 0.5, "kmeans"), None, path, TOY)
     monkeypatch.undo()
     with pytest.raises(CodecError, match="format version 99 is unknown"):
         load_compressed(path)
+    with pytest.raises(CodecError, match=r"cannot write format version 1; writable: \(2, 3\)"):
+        container.write_artifact(tmp_path / "old.safetensors", {}, {}, version=1)
 
 
 def test_architecture_errors(tmp_path: Path) -> None:
@@ -442,7 +522,7 @@ def test_inspect_verify_finds_a_damaged_payload(saved: Path, capsys: pytest.Capt
     assert inspect_main([str(saved)]) == 0  # the header alone looks fine
     capsys.readouterr()
     assert inspect_main([str(saved), "--verify"]) == 2
-    assert "checksum mismatch in tensor '3.weight::codebook'" in capsys.readouterr().err
+    assert "checksum mismatch in the payload" in capsys.readouterr().err
 
 
 def test_report_names_order0_and_reads_format_1_records(saved: Path) -> None:
@@ -459,33 +539,23 @@ def test_report_names_order0_and_reads_format_1_records(saved: Path) -> None:
     assert record_order0_bytes({"order0_bits": 100.0}) == 12.5
 
 
-def test_format_1_files_still_load(saved: Path) -> None:
-    """A version-1 file (records with ``bound_bytes``) decodes as before and reports the same order-0 figure."""
-    data = saved.read_bytes()
-    hlen = int.from_bytes(data[:8], "little")
-    index = json.loads(data[8 : 8 + hlen])
-    header = json.loads(index["__metadata__"][container.META_KEY])
+@pytest.mark.parametrize("version", [1, 2])
+def test_older_versions_still_load(saved: Path, tmp_path: Path, version: int) -> None:
+    """A version-1 file (records with ``bound_bytes``) and a version-2 file (a safetensors tensor and a checksum
+    per stored tensor) decode to the same tensors and report the same order-0 figures and payload."""
+    header, tensors = container.read_tensors(saved)
     before = load_compressed(saved).state_dict()
-    header["format_version"] = 1
-    order0 = {}
-    for key, rec in header["tensors"].items():
-        if "order0_bits" in rec:
-            rec["bound_bytes"] = round(rec.pop("order0_bits") / 8, 1)
-            order0[key] = rec["bound_bytes"]
-    text = json.dumps(header, separators=(",", ":"))
-    index["__metadata__"] = {
-        container.META_KEY: text,
-        container.META_CHECKSUM_KEY: container._json_checksum(text),
-    }
-    raw = json.dumps(index, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    saved.write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + hlen :])
-    loaded = load_compressed(saved)
-    assert loaded.compression_meta["format_version"] == 1
+    old = tmp_path / f"v{version}.safetensors"
+    write_legacy(old, header, tensors, version)
+    loaded = load_compressed(old)
+    assert loaded.compression_meta["format_version"] == version
     for key, t in loaded.state_dict().items():
         assert torch.equal(t, before[key]), key
-    rows = {r.name: r for r in read_size_report(saved).layers}
-    assert all(rows[k].order0_bytes == v for k, v in order0.items())
+    rows = {r.name: r for r in read_size_report(old).layers}
+    now = {r.name: r for r in read_size_report(saved).layers}
+    assert {k: (r.payload_bytes, round(r.order0_bytes, 1)) for k, r in rows.items()} == {
+        k: (r.payload_bytes, round(r.order0_bytes, 1)) for k, r in now.items()
+    }
 
 
 def test_row_classes_code_clustered_rows_below_the_gap_stream() -> None:

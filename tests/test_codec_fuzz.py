@@ -3,14 +3,13 @@ crash, another exception type, or an allocation beyond twice the honest decode.
 
 Seeded, a fixed number of mutations (no clock in the test: a loaded machine only makes it slower). Mutations whose checksums are left stale (byte flips in the header JSON or the payload,
 truncations) must be refused or decode to exactly the original tensors. Mutations that recompute every checksum
-(edited lengths, counts and offsets, swapped tensors, flipped payload bytes) model a crafted file: the unkeyed
+(edited lengths, counts, index shapes and dtypes, swapped tensors, flipped payload bytes) model a crafted file: the unkeyed
 checksums cannot catch those, so such a file may load, but only as a well-formed model of the architecture's shapes
 (trusting a file is the release's sha256 and signature, docs/release.md).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import tracemalloc
@@ -19,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import zstandard
 from torch import nn
 
 from trainables.compression import container
@@ -64,41 +64,20 @@ def _model() -> nn.Module:
     return model.eval()
 
 
-def _split(data: bytes) -> tuple[dict, dict, bytes]:
+def _split(data: bytes) -> tuple[dict, bytes]:
+    """A version-3 file's full header (``index`` included, decompressed) and its payload bytes."""
     hlen = int.from_bytes(data[:8], "little")
-    index = json.loads(data[8 : 8 + hlen])
-    return index, index.pop("__metadata__"), data[8 + hlen :]
+    stored = json.loads(data[8 : 8 + hlen])
+    (hs, he), (ps, pe) = (
+        stored[t]["data_offsets"] for t in (container.HEADER_TENSOR, container.PAYLOAD_TENSOR)
+    )
+    header = json.loads(zstandard.ZstdDecompressor().decompress(data[8 + hlen + hs : 8 + hlen + he]))
+    return header, data[8 + hlen + ps : 8 + hlen + pe]
 
 
-def _join(index: dict, metadata: dict, payload: bytes) -> bytes:
-    text = json.dumps({"__metadata__": metadata, **index}, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
-    return len(text).to_bytes(8, "little") + text + payload
-
-
-def _tensor_digest(name: str, entry: dict, raw: bytes) -> str:
-    dtype = {"F32": "float32", "U8": "uint8", "I64": "int64", "F16": "float16", "BF16": "bfloat16"}[
-        entry["dtype"]
-    ]
-    h = hashlib.blake2b(digest_size=16)
-    h.update(f"{name}|{dtype}|{entry['shape']}|".encode())
-    h.update(raw)
-    return h.hexdigest()
-
-
-def _reseal(index: dict, header: dict, payload: bytes) -> bytes:
-    """The file with every tensor checksum and the header checksum recomputed (a crafted file)."""
-    sums = header.setdefault("checksums", {})
-    if isinstance(sums, dict):
-        for name, entry in index.items():
-            try:
-                a, b = entry["data_offsets"]
-                sums[name] = _tensor_digest(name, entry, payload[a:b])
-            except (KeyError, TypeError, ValueError):
-                pass
-    text = json.dumps(header, separators=(",", ":"))
-    meta = {container.META_KEY: text, container.META_CHECKSUM_KEY: container._json_checksum(text)}
-    return _join(index, meta, payload)
+def _reseal(header: dict, payload: bytes) -> bytes:
+    """The file with the payload checksum and the header's checksums recomputed (a crafted file)."""
+    return container.seal(header, payload)
 
 
 def _numbers(obj, path=()):
@@ -127,17 +106,16 @@ def _get(obj, path):
 
 def _mutate(data: bytes, rng: random.Random) -> tuple[str, bytes, bool]:
     """One mutation of the honest file: ``(kind, bytes, crafted)``; crafted files have recomputed checksums."""
-    index, metadata, payload = _split(data)
-    header = json.loads(metadata[container.META_KEY])
+    header, payload = _split(data)
     hlen = int.from_bytes(data[:8], "little")
     kind = rng.choice(
-        ["flip_header", "flip_payload", "truncate", "edit_number", "edit_offsets", "swap", "crafted_flip"]
+        ["flip_header", "flip_payload", "truncate", "edit_number", "edit_index", "swap", "crafted_flip"]
     )
-    if kind == "flip_header":
+    if kind == "flip_header":  # the safetensors header: the tensor index and the descriptor
         out = bytearray(data)
         out[rng.randrange(8, 8 + hlen)] ^= 1 << rng.randrange(8)
         return kind, bytes(out), False
-    if kind == "flip_payload":
+    if kind == "flip_payload":  # the compressed header or the payload
         out = bytearray(data)
         out[rng.randrange(8 + hlen, len(data))] ^= 1 << rng.randrange(8)
         return kind, bytes(out), False
@@ -149,25 +127,26 @@ def _mutate(data: bytes, rng: random.Random) -> tuple[str, bytes, bool]:
         old = _get(header["tensors"], path)
         new = rng.choice([old + 1, old - 1, old * 2, 0, -1, 1 << 40, old + rng.randrange(1, 1000)])
         _set(header["tensors"], path, new)
-        return kind, _reseal(index, header, payload), True
-    if kind == "edit_offsets":
-        name = rng.choice(sorted(index))
-        field = rng.choice(["data_offsets", "shape"])
-        value = index[name][field]
-        i = rng.randrange(len(value)) if value else None
-        if i is None:
-            index[name][field] = [rng.randrange(1, 1 << 40)]
+        return kind, _reseal(header, payload), True
+    if kind == "edit_index":
+        entry = rng.choice(header["index"])
+        if rng.random() < 0.2:
+            entry[1] = rng.choice(["F32", "U8", "I64", "F16", "U16", "X9"])
+        elif entry[2]:
+            i = rng.randrange(len(entry[2]))
+            entry[2][i] = rng.choice([entry[2][i] + 1, entry[2][i] - 1, entry[2][i] * 4, 1 << 40, 0, -1])
         else:
-            value[i] = rng.choice([value[i] + 1, value[i] - 1, value[i] * 4, 1 << 40, 0])
-        return kind, _reseal(index, header, payload), True
+            entry[2] = [rng.randrange(1, 1 << 40)]
+        return kind, _reseal(header, payload), True
     if kind == "swap":
-        a, b = rng.sample(sorted(index), 2)
-        index[a], index[b] = index[b], index[a]
-        return kind, _reseal(index, header, payload), True
+        i, j = rng.sample(range(len(header["index"])), 2)
+        index = header["index"]
+        index[i][0], index[j][0] = index[j][0], index[i][0]
+        return kind, _reseal(header, payload), True
     out = bytearray(payload)
     if out:
         out[rng.randrange(len(out))] ^= 1 << rng.randrange(8)
-    return kind, _reseal(index, header, bytes(out)), True
+    return kind, _reseal(header, bytes(out)), True
 
 
 def _state_bytes(model: nn.Module) -> dict[str, tuple[tuple[int, ...], bytes]]:
@@ -228,7 +207,7 @@ def test_mutated_files_are_refused_or_decode_identically(tmp_path: Path) -> None
         "flip_payload",
         "truncate",
         "edit_number",
-        "edit_offsets",
+        "edit_index",
         "swap",
         "crafted_flip",
     }

@@ -2,7 +2,7 @@
 
 The public entry point of the codec; the file format is described in docs/artifact-format.md. The pieces:
 `module_state` (the model's plain state dict), `layouts` (how each compressed weight is stored, coded by `streams`),
-`container` (the file, its JSON header and checksums), `architectures` (the builders a file may name) and `report`
+`container` (the file: its compressed JSON header, the packed payload and its checksum), `architectures` (the builders a file may name) and `report`
 (sizes, measured on the written file).
 
 ``save_compressed(model, plan, path, meta)`` writes every tensor of the model's *plain* state dict (the keys an
@@ -13,7 +13,7 @@ carries the ``architecture`` ({"name", "config"}) to rebuild the model through t
 the layer groups, the user's meta and one record per state-dict tensor. Loading runs no code from the file.
 
 ``load_compressed(path)`` checks the file whole before it allocates or decodes anything from it: length, header,
-format version, the tensor index against the file's length, the architecture (built on the meta device when it
+format version, the stored tensors' index against the payload's length, the architecture (built on the meta device when it
 allows) against every record's shape, every record's sizes and counts against those shapes, and every checksum.
 Then the streams are decoded in parallel threads and every tensor of the state dict is filled from the file. A
 quantized weight decodes to ``codebook[indices] * mask`` in float32 (then ``* scale[c]`` along dim 0 for a

@@ -3,7 +3,7 @@
 Without ``--verify`` it reads only the file's header (nothing is decoded, no model is built) and prints the
 per-tensor table -- parameters, nonzeros, sparsity, bits, encoding, bytes spent, bits per nonzero, order-0 entropy,
 coded / order-0, poster-style bytes -- and the totals, ``memory_mib`` (file bytes / 2**20) first among them.
-``--verify`` also checks every record against the stored tensors, every tensor checksum, and that every tensor
+``--verify`` also checks every record against the stored tensors, the payload's checksum (a version-1/2 file: every tensor's), and that every tensor
 decodes (a header alone cannot show a damaged payload). ``--json`` prints the same as JSON. Exit status 2 with the
 reason on stderr when the file is not a readable artifact or fails verification. The file format:
 docs/artifact-format.md.
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--verify",
         action="store_true",
-        help="also verify every tensor checksum and decode every tensor (reads the whole file)",
+        help="also verify the checksums and decode every tensor (reads the whole file)",
     )
     args = parser.parse_args(argv)
     try:

@@ -357,6 +357,24 @@ def check_stream_record(record: Any, n: int | tuple[int, int], alphabet: int) ->
     return record
 
 
+def zstd_exact(data: bytes, expected: int, what: str) -> bytes:
+    """The ``expected`` bytes a zstd frame holds, or `StreamError`: the frame must state its content size and it
+    must be exactly ``expected`` (``what`` names them in the message), checked before anything is allocated."""
+    try:
+        size = zstandard.frame_content_size(data[:18])
+    except zstandard.ZstdError as e:
+        raise StreamError(f"zstd stream has no valid frame header: {e}") from e
+    if size != expected:
+        raise StreamError(f"zstd frame holds {size} bytes, expected {expected} for {what}")
+    try:
+        raw = zstandard.ZstdDecompressor().decompress(data, max_output_size=expected)
+    except zstandard.ZstdError as e:
+        raise StreamError(f"zstd stream does not decompress: {e}") from e
+    if len(raw) != expected:
+        raise StreamError(f"zstd stream holds {len(raw)} bytes, expected {expected}")
+    return raw
+
+
 def decode_symbols(data: np.ndarray, record: dict[str, Any]) -> np.ndarray:
     """Inverse of `encode_symbols`: the symbols as the smallest unsigned dtype of the record's alphabet.
 
@@ -380,19 +398,7 @@ def decode_symbols(data: np.ndarray, record: dict[str, Any]) -> np.ndarray:
     if coder == "raw":
         out = _unpack(data, n, bit_width(alphabet), dtype)
     elif coder == "zstd":
-        expected = n * dtype.itemsize
-        try:
-            size = zstandard.frame_content_size(data.tobytes()[:18])
-        except zstandard.ZstdError as e:
-            raise StreamError(f"zstd stream has no valid frame header: {e}") from e
-        if size != expected:
-            raise StreamError(f"zstd frame holds {size} bytes, expected {expected} for {n} symbols")
-        try:
-            raw = zstandard.ZstdDecompressor().decompress(data.tobytes(), max_output_size=expected)
-        except zstandard.ZstdError as e:
-            raise StreamError(f"zstd stream does not decompress: {e}") from e
-        if len(raw) != expected:
-            raise StreamError(f"zstd stream holds {len(raw)} bytes, expected {expected}")
+        raw = zstd_exact(data.tobytes(), n * dtype.itemsize, f"{n} symbols")
         out = np.frombuffer(bytearray(raw), dtype)
     elif coder == "ans":
         out = _ans_decode(data, n, alphabet, dtype)
