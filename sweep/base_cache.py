@@ -38,11 +38,9 @@ def _build_remote(config: dict[str, Any], location: str, threads: int, gpus: flo
         out = Path(tmp) / "base"
         # Progress as plain lines (a Ray worker's stderr is no terminal): trainables/progress.py.
         build_base(BaseConfig.from_dict(config), out, device=device, progress=True)
-        # The dense fp32 file is the base point of the front: what shipping it uncompressed would cost.
         meta_path = out / META_FILE
-        meta = json.loads(meta_path.read_text())
-        meta[MEMORY_KEY] = (out / MODEL_FILE).stat().st_size / 2**20
-        meta_text = json.dumps(meta, indent=2, sort_keys=True) + "\n"
+        meta_text = meta_path.read_text()
+        meta = json.loads(meta_text)
         meta_path.unlink()
         storage.upload_dir(out, location)
         _put_last(location, meta_text)
@@ -96,7 +94,12 @@ def ensure_base(
 
 
 def read_meta(location: str) -> dict[str, Any]:
-    """The ``meta.json`` of the base at ``location`` (a local path or a storage URI)."""
+    """The ``meta.json`` of the base at ``location`` (a local path or a storage URI). A base written before
+    `build_base` recorded its file's size (e.g. one copied in from an older ``python -m trainables.base``) gets
+    ``memory_mib`` from the model file in the storage."""
     fs, path = storage.filesystem_for(location)
     with fs.open_input_stream(f"{path}/{META_FILE}") as stream:
-        return json.loads(stream.readall().decode())
+        meta = json.loads(stream.readall().decode())
+    if MEMORY_KEY not in meta:
+        meta[MEMORY_KEY] = fs.get_file_info(f"{path}/{MODEL_FILE}").size / 2**20
+    return meta

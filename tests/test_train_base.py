@@ -2,6 +2,7 @@
 
 import copy
 import json
+import shutil
 import pickle
 
 import faiss  # noqa: F401  (faiss before torch)
@@ -147,6 +148,15 @@ def test_build_base_writes_loads_and_is_deterministic(cache, tmp_path, capsys):
             and b["off_the_shelf"] == meta["maps"][split]["off_the_shelf"]["mAP"]
         )
     assert set(meta["seconds"]) >= {"kmeans_init", "finetune", "whitening", "total"}
+    # The base point of the front: the dense file's size, recorded by the build itself (a base built here and
+    # copied into a sweep's storage needs nothing else); an older meta without it gets it from the file.
+    assert meta["memory_mib"] == (out / MODEL_FILE).stat().st_size / 2**20
+    from sweep.base_cache import read_meta
+
+    older = tmp_path / "older"
+    shutil.copytree(out, older)
+    (older / META_FILE).write_text(json.dumps({k: v for k, v in meta.items() if k != "memory_mib"}))
+    assert read_meta(str(older))["memory_mib"] == meta["memory_mib"]
 
     # Same seed, same config (once through the CLI, once through the API) -> identical mAPs and weights.
     meta_cli = json.loads((tmp_path / "a" / META_FILE).read_text())

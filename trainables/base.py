@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from trainables.contract import TEST_MAP_KEY, VAL_MAP_KEY
+from trainables.contract import MEMORY_KEY, TEST_MAP_KEY, VAL_MAP_KEY
 from trainables.data.registry import load_dataset
 from trainables.data.tuples import TripletMiner
 from trainables.devices import process_loader_workers
@@ -551,6 +551,8 @@ def build_base(
 
     def write(tmp: Path) -> None:
         save_file(state, str(tmp / MODEL_FILE), metadata={"model": json.dumps(model.config_dict())})
+        # The dense fp32 file is the base point of the front: what shipping it uncompressed would cost.
+        meta[MEMORY_KEY] = (tmp / MODEL_FILE).stat().st_size / 2**20
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
     return atomic_directory(
