@@ -564,3 +564,47 @@ def test_assigning_a_dense_weight_refits_the_codebook_with_indices_fixed():
             assert float(after.codebook[j]) == pytest.approx(float(members.double().mean()), abs=1e-6)
         else:
             assert float(after.codebook[j]) == float(view.codebook[j])
+
+
+def test_float16_biases_are_rounded_after_training_and_ship_in_two_bytes_exactly(tmp_path):
+    """``bias_dtype: float16``: the quantize stage trains, then rounds each quantized layer's bias to float16
+    values; the file stores those biases as F16 (2 bytes each) and the decoded model computes exactly what the
+    rounded model computes. With the default the biases stay float32 in the file."""
+    from trainables.compression.architectures import register_architecture
+    from trainables.compression.codec import load_compressed, save_compressed
+
+    register_architecture("toy-regression", lambda config: toy_regression()[0])
+    files = {}
+    for dtype in ("float32", "float16"):
+        model, x, y = toy_regression()
+        plan = CompressionPlan.from_dict(
+            {
+                "groups": {"conv": {"quant": "kmeans", "bits": 4}, "fc": {"quant": "kmeans", "bits": 4}},
+                "quant_steps": 2,
+                "bias_dtype": dtype,
+            }
+        )
+        before = {
+            n: m.bias.detach().clone()
+            for n, m in model.named_modules()
+            if isinstance(m, (nn.Conv2d, nn.Linear))
+        }
+        report = quantize_and_finetune(model, plan, default_groups(model), make_train_fn(x, y))
+        path = tmp_path / f"{dtype}.safetensors"
+        size = save_compressed(model, plan, path, {"architecture": {"name": "toy-regression", "config": {}}})
+        rows = {r.name: r for r in size.layers}
+        decoded = load_compressed(path)
+        with torch.no_grad():
+            assert torch.equal(decoded(x), model(x)), dtype
+        for name in ("0", "3"):
+            bias = model.get_submodule(name).bias.detach()
+            assert not torch.equal(bias, before[name]), "the biases trained"
+            exact = torch.equal(bias.half().float(), bias)
+            assert exact == (dtype == "float16"), (dtype, name)
+            assert rows[f"{name}.bias"].encoding == ("raw F16" if dtype == "float16" else "raw F32")
+            assert decoded.get_submodule(name).bias.dtype == torch.float32
+        assert report["float16_biases"] == (["0", "3"] if dtype == "float16" else [])
+        files[dtype] = size.totals["payload_bytes"]
+    assert files["float16"] == files["float32"] - 2 * (6 + 5)  # 11 biases, 2 bytes saved each
+    with pytest.raises(PlanError, match="bias_dtype"):
+        CompressionPlan.from_dict({"bias_dtype": "int8"})

@@ -2,8 +2,8 @@
 
 import copy
 import json
-import shutil
 import pickle
+import shutil
 
 import faiss  # noqa: F401  (faiss before torch)
 import numpy as np

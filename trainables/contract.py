@@ -27,6 +27,9 @@ QUANT_MODES: tuple[str, ...] = ("uniform", "kmeans", "none")
 #: How a quantized layer's codebook is scaled (``GroupPlan.scale``): ``layer`` (one codebook for the raw weights)
 #: or ``channel`` (k-means only: one shared codebook over each output channel divided by its own float32 scale).
 SCALE_MODES: tuple[str, ...] = ("layer", "channel")
+#: The dtype the biases of a quantized group's layers ship in (``CompressionPlan.bias_dtype``): ``float16`` rounds
+#: them once training is done, so the file stores them in half the bytes and decodes them exactly.
+BIAS_DTYPES: tuple[str, ...] = ("float32", "float16")
 #: Most bits per weight index (a codebook of 2^16 values).
 MAX_BITS = 16
 
@@ -311,6 +314,14 @@ def _params() -> dict[str, ParamSpec]:
             for g in GROUPS
         ],
         ParamSpec(
+            "bias_dtype",
+            str,
+            "float32",
+            "The biases of the quantized groups' layers in the file: 'float32', or 'float16' (rounded after the "
+            "quantize stage's training, stored in 2 bytes and decoded exactly; the mAP is the rounded model's).",
+            choices=BIAS_DTYPES,
+        ),
+        ParamSpec(
             "l1_lambda", float, 0.0, "Weight λ of the L1 penalty λ·Σ|w| during the sparsify stage.", low=0.0
         ),
         ParamSpec("l1_steps", int, 50, "Training steps of the L1 sparsify stage (0 skips it).", low=0),
@@ -370,6 +381,7 @@ PLAN_KEYS: tuple[str, ...] = (
     "quant_steps",
     "kmeans_iters",
     "allow_empty_layer",
+    "bias_dtype",
 )
 
 
@@ -417,7 +429,7 @@ def resolve_trial_config(
     Returns ``{"plan": ..., "lr": float, "params": {...}}``: ``plan`` is exactly the dict form
     ``CompressionPlan.from_dict`` takes (``groups`` → ``{"prune", "threshold", "quant", "bits"}``, plus ``"scale"``
     when it is not ``"layer"``, for each compressed group, plus ``l1_lambda``, ``l1_steps``, ``prune_rounds``,
-    ``retrain_steps``, ``quant_steps``, ``kmeans_iters``, ``allow_empty_layer``); ``lr`` sits beside it because
+    ``retrain_steps``, ``quant_steps``, ``kmeans_iters``, ``allow_empty_layer``, ``bias_dtype``); ``lr`` sits beside it because
     the plan does not take it; ``params`` is every trial parameter after defaults (flat, for logging). Raises
     ``TrialConfigError``.
     """

@@ -118,8 +118,11 @@ def save_compressed(
             value = plain_value(module, name).cpu()
             if value.dtype not in (*FLOAT_DTYPES.values(),) and value.is_floating_point():
                 raise CodecError(f"{path}: tensor {key!r} has unsupported dtype {value.dtype}")
-            tensors[key] = value.contiguous()
             records[key] = {"kind": "dense"}
+            if _exact_in_float16(value):
+                value = value.to(torch.float16)
+                records[key]["dtype"] = DENSE_WIDENED
+            tensors[key] = value.contiguous()
             continue
         records[key] = rec
         for sname, arr in payload.items():
@@ -135,6 +138,17 @@ def save_compressed(
     }
     write_artifact(path, tensors, fields)
     return read_size_report(path)
+
+
+#: The dtype a dense record with ``"dtype"`` decodes to: a float32 tensor whose every value is a float16 value
+#: (e.g. biases rounded by ``bias_dtype: float16``) is stored as float16 and widened back exactly.
+DENSE_WIDENED = "F32"
+
+
+def _exact_in_float16(value: torch.Tensor) -> bool:
+    if value.dtype != torch.float32 or value.numel() == 0:
+        return False
+    return bool(torch.equal(value.to(torch.float16).to(torch.float32), value))
 
 
 def _stored_by_record(
@@ -181,6 +195,12 @@ def _check_file(
         if rec.get("kind") == "dense":
             if key not in index:
                 raise CodecError(f"{path}: dense tensor {key!r} is not stored in the file")
+            widened = rec.get("dtype")
+            if widened is not None and (widened != DENSE_WIDENED or index[key]["dtype"] != "F16"):
+                raise CodecError(
+                    f"{path}: dense tensor {key!r} is stored as {index[key]['dtype']} with dtype {widened!r}; "
+                    f"a dense record's dtype may only be {DENSE_WIDENED!r} over a stored F16 tensor"
+                )
             shape = tuple(index[key]["shape"])
             if shapes is not None and shape != tuple(shapes[key]):
                 raise CodecError(
@@ -243,7 +263,7 @@ def _decode_all(
         }
         for key, rec in records.items():
             if rec["kind"] == "dense":
-                state[key] = loaded[key]
+                state[key] = loaded[key].to(torch.float32) if rec.get("dtype") else loaded[key]
                 continue
             try:
                 state[key] = tensors[key].result()

@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from trainables.contract import MAX_BITS, PRUNE_MODES, QUANT_MODES, SCALE_MODES
+from trainables.contract import BIAS_DTYPES, MAX_BITS, PRUNE_MODES, QUANT_MODES, SCALE_MODES
 
 
 class PlanError(ValueError):
@@ -134,7 +134,9 @@ class CompressionPlan:
     retrain rounds. ``kmeans_iters``: Lloyd iterations before the centroids are trained. ``allow_empty_layer``:
     accept a threshold that prunes a whole layer. ``keep_frozen``: leave layers that arrive frozen frozen (their
     weights, masks and codebooks are then compressed but never retrained); by default every compressed layer is
-    retrained, as in Deep Compression.
+    retrained, as in Deep Compression. ``bias_dtype``: ``float16`` rounds the biases of the quantized groups' layers
+    to float16 values after the quantize stage's training (`schedule.quantize_and_finetune`), which the file then
+    stores in 2 bytes each (``float32``: left as they are).
     """
 
     groups: dict[str, GroupPlan] = field(default_factory=dict)
@@ -146,6 +148,7 @@ class CompressionPlan:
     kmeans_iters: int = 30
     allow_empty_layer: bool = False
     keep_frozen: bool = False
+    bias_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         self.check("CompressionPlan")
@@ -166,6 +169,7 @@ class CompressionPlan:
         _check_int(source, "retrain_steps", self.retrain_steps)
         _check_int(source, "quant_steps", self.quant_steps)
         _check_int(source, "kmeans_iters", self.kmeans_iters)
+        _check_choice(source, "bias_dtype", self.bias_dtype, BIAS_DTYPES)
         for flag in ("allow_empty_layer", "keep_frozen"):
             if not isinstance(getattr(self, flag), bool):
                 raise _fail(source, flag, getattr(self, flag), "expected true or false")
@@ -204,6 +208,7 @@ class CompressionPlan:
             "kmeans_iters": int(self.kmeans_iters),
             "allow_empty_layer": bool(self.allow_empty_layer),
             "keep_frozen": bool(self.keep_frozen),
+            "bias_dtype": str(self.bias_dtype),
         }
 
     def validate(self, available_groups: Iterable[str], source: str = "plan") -> CompressionPlan:

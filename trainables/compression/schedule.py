@@ -89,7 +89,36 @@ def quantize_and_finetune(
         row = quantize_module(module, gp.quant, gp.bits, kmeans_iters=plan.kmeans_iters, scale=gp.scale)
         layers.append({"group": group, "layer": name, **row})
     losses = _train(train_fn, model, plan.quant_steps, None)
-    return {"layers": layers, "losses": losses, "sparsity": sparsity_report(model, mine)}
+    rounded = round_biases(model, plan, mine) if plan.bias_dtype == "float16" else []
+    return {
+        "layers": layers,
+        "losses": losses,
+        "sparsity": sparsity_report(model, mine),
+        "float16_biases": rounded,
+    }
+
+
+_FLOAT16_MAX = float(torch.finfo(torch.float16).max)
+
+
+def round_biases(model: nn.Module, plan: CompressionPlan, groups: Mapping[str, Iterable[str]]) -> list[str]:
+    """Round the biases of every quantized group's layers to float16 values (kept as float32 tensors: the model
+    computes as before, and `codec.save_compressed` stores a float32 tensor whose values are all float16 in 2
+    bytes each, decoding it exactly). Returns the layers whose bias was rounded."""
+    rounded = []
+    with torch.no_grad():
+        for group, name, module in group_layers(model, groups):
+            bias = getattr(module, "bias", None)
+            if (
+                plan.groups[group].quant == "none"
+                or not isinstance(bias, torch.Tensor)
+                or not bias.is_floating_point()
+                or bool((bias.abs() > _FLOAT16_MAX).any())  # would become inf: left at full precision
+            ):
+                continue
+            bias.copy_(bias.to(torch.float16).to(bias.dtype))
+            rounded.append(name)
+    return rounded
 
 
 def compress_model(
