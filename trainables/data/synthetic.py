@@ -46,8 +46,10 @@ import importlib.util
 import io
 import json
 import math
+import os
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -409,9 +411,10 @@ def build_split(root: Path, split: str, seed: int, spec: SyntheticSpec | None = 
         r.name: {"good": [], "ok": [], "junk": []} for r in regions if r.landmark
     }
     queries: dict[str, list[tuple[str, tuple]]] = {r.name: [] for r in regions if r.landmark}
-    for v, (r, mode, k) in enumerate(track(views, f"synthetic set: {split}", unit="img")):
-        region_id = regions.index(r)
-        rng = np.random.default_rng([seed, split_id, region_id, k])  # per view: independent of build order
+
+    def render(view: tuple[Region, str, int]) -> tuple[bytes, tuple, float]:
+        r, mode, k = view
+        rng = np.random.default_rng([seed, split_id, regions.index(r), k])  # per view: independent of order
         img, box, visible = _render(
             rng,
             canvases[r.name],
@@ -419,9 +422,18 @@ def build_split(root: Path, split: str, seed: int, spec: SyntheticSpec | None = 
             [f for f in fills if f is not canvases[r.name]],
             (spec.min_side, spec.max_side),
         )
-        name = f"{r.name}_{numbers[v]:06d}"
-        (root / "jpg" / f"{name}.jpg").write_bytes(_jpeg_bytes(img, int(rng.integers(70, 96))))
-        if r.landmark:
+        return _jpeg_bytes(img, int(rng.integers(70, 96))), box, visible
+
+    # Views render in threads (the warps and the JPEG encoder release the GIL): the same bytes in any order.
+    with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
+        rendered = pool.map(render, views)
+        for v, ((r, mode, _), (jpeg, box, visible)) in enumerate(
+            track(zip(views, rendered), f"synthetic set: {split}", unit="img", total=len(views))
+        ):
+            name = f"{r.name}_{numbers[v]:06d}"
+            (root / "jpg" / f"{name}.jpg").write_bytes(jpeg)
+            if not r.landmark:
+                continue
             gt[r.name][_label(mode, visible)].append(name)
             if mode == "query":
                 queries[r.name].append((name, box))
