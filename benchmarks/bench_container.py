@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -50,6 +51,12 @@ def measure(path: Path, workdir: Path) -> dict:
     return row
 
 
+def _name(path: Path) -> str:
+    """A short row name: a Ray trial's id when the path holds one (``run_trial_<id>_…``), else the folder."""
+    found = re.search(r"run_trial_([0-9a-f]{8})", str(path))
+    return found.group(1) if found else (path.parent.name or str(path))
+
+
 def _line(name: str, tensors: int | str, v2: dict, v3: dict) -> str:
     return (
         f"| {name} | {tensors} | {v2['payload_bytes']:,} | {v2['overhead_bytes']:,} | {v3['overhead_bytes']:,} | "
@@ -74,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
-        print(_line(Path(row["file"]).parent.name or row["file"], row["tensors"], row["v2"], row["v3"]))
+        print(_line(_name(Path(row["file"])), row["tensors"], row["v2"], row["v3"]))
     total = {v: {k: sum(r[v][k] for r in rows) for k in rows[0][v]} for v in ("v2", "v3")}
     print(_line(f"**all {len(rows)}**", sum(r["tensors"] for r in rows), total["v2"], total["v3"]))
     if args.json:
