@@ -361,13 +361,18 @@ def _stored_span(path: Path, tensor: str) -> tuple[int, int]:
     return 8 + hlen + start, 8 + hlen + end
 
 
+def _flip_first_byte(path: Path, name: str) -> None:
+    """Flip one bit of the first byte of the stored tensor ``name`` (its range from `read_header`'s index)."""
+    _, index, header_bytes, _ = read_header(path)
+    data = bytearray(path.read_bytes())
+    data[header_bytes + index[name]["data_offsets"][0]] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
 def test_tampered_payload_is_refused(saved: Path) -> None:
-    _, index, header_bytes, size = read_header(saved)
+    _, _, header_bytes, size = read_header(saved)
     assert _stored_span(saved, container.PAYLOAD_TENSOR) == (header_bytes, size)  # the payload ends the file
-    start = header_bytes + index["3.weight::codebook"]["data_offsets"][0]
-    data = bytearray(saved.read_bytes())
-    data[start] ^= 0x01
-    saved.write_bytes(bytes(data))
+    _flip_first_byte(saved, "3.weight::codebook")
     with pytest.raises(CodecError, match=r"toy\.safetensors: checksum mismatch in the payload"):
         load_compressed(saved)
 
@@ -376,11 +381,7 @@ def test_tampered_version_2_payload_names_the_tensor(saved: Path, tmp_path: Path
     header, tensors = container.read_tensors(saved)
     old = tmp_path / "v2.safetensors"
     write_legacy(old, header, tensors, 2)
-    _, index, header_bytes, _ = read_header(old)
-    start = header_bytes + index["3.weight::codebook"]["data_offsets"][0]
-    data = bytearray(old.read_bytes())
-    data[start] ^= 0x01
-    old.write_bytes(bytes(data))
+    _flip_first_byte(old, "3.weight::codebook")
     with pytest.raises(CodecError, match=r"checksum mismatch in tensor '3\.weight::codebook'"):
         load_compressed(old)
 
@@ -514,11 +515,7 @@ def test_inspect_cli(saved: Path, capsys: pytest.CaptureFixture[str]) -> None:
 def test_inspect_verify_finds_a_damaged_payload(saved: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert inspect_main([str(saved), "--verify"]) == 0
     assert "verified" in capsys.readouterr().out
-    _, index, header_bytes, _ = read_header(saved)
-    start = header_bytes + index["3.weight::codebook"]["data_offsets"][0]
-    data = bytearray(saved.read_bytes())
-    data[start] ^= 0x01
-    saved.write_bytes(bytes(data))
+    _flip_first_byte(saved, "3.weight::codebook")
     assert inspect_main([str(saved)]) == 0  # the header alone looks fine
     capsys.readouterr()
     assert inspect_main([str(saved), "--verify"]) == 2
