@@ -569,3 +569,19 @@ def test_row_classes_code_clustered_rows_below_the_gap_stream() -> None:
     assert positions < 0.9 * gaps["positions"].nbytes
     out = decode_tensor(json.loads(json.dumps(rec)), payload)
     assert torch.equal(out.view(torch.int32), (codebook[indices] * mask.to(torch.float32)).view(torch.int32))
+
+
+def test_a_version_3_file_whose_payload_does_not_end_it_is_refused(saved: Path) -> None:
+    data = saved.read_bytes()
+    hlen = int.from_bytes(data[:8], "little")
+    index = json.loads(data[8 : 8 + hlen])
+    (hs, he), (ps, pe) = (
+        index[t]["data_offsets"] for t in (container.HEADER_TENSOR, container.PAYLOAD_TENSOR)
+    )
+    body = data[8 + hlen :]
+    index[container.PAYLOAD_TENSOR]["data_offsets"] = [0, pe - ps]
+    index[container.HEADER_TENSOR]["data_offsets"] = [pe - ps, pe - ps + he - hs]
+    raw = json.dumps(index, separators=(",", ":")).encode()
+    saved.write_bytes(len(raw).to_bytes(8, "little") + raw + body[ps:pe] + body[hs:he])
+    with pytest.raises(CodecError, match="'payload' tensor must end the file"):
+        load_compressed(saved)

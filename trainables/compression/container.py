@@ -345,6 +345,11 @@ def _read_packed_header(
             f"{path}: the header descriptor {spec!r} is not {{'coding': 'zstd', 'bytes': 1..{MAX_HEADER_BYTES}, "
             f"'blake2b': HEX}} ({type(e).__name__})"
         ) from None
+    if stored[PAYLOAD_TENSOR]["data_offsets"][1] != max(e["data_offsets"][1] for e in stored.values()):
+        # What this writer makes (safetensors orders equal dtypes by name), and what the payload reader relies on.
+        raise CodecError(
+            f"{path}: the {PAYLOAD_TENSOR!r} tensor must end the file; here {HEADER_TENSOR!r} follows it"
+        )
     start, end = stored[HEADER_TENSOR]["data_offsets"]
     try:
         with open(path, "rb") as f:
