@@ -23,17 +23,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainables.compression.container import read_tensors, write_artifact  # noqa: E402
+from trainables.compression.container import caller_fields, read_tensors, write_artifact  # noqa: E402
 from trainables.compression.report import read_size_report  # noqa: E402
-
-#: Header keys the container writes itself (the rest are the caller's fields, written again as they were).
-_CONTAINER_KEYS = ("format", "format_version", "checksum", "checksums")
 
 
 def measure(path: Path, workdir: Path) -> dict:
     """Bytes of ``path`` re-written as version 2 and as version 3 (same fields, same tensors)."""
     header, tensors = read_tensors(path)
-    fields = {k: v for k, v in header.items() if k not in _CONTAINER_KEYS}
+    fields = caller_fields(header)
     row: dict = {"file": str(path), "tensors": len(tensors)}
     decoded = {}
     for version in (2, 3):

@@ -13,7 +13,7 @@ from torch import nn
 from search_spaces.schema import SearchSpaceError, load_search_space
 from trainables.compression.architectures import register_architecture
 from trainables.compression.codec import CodecError, load_compressed, save_compressed
-from trainables.compression.container import read_tensors, write_artifact
+from trainables.compression.container import caller_fields, read_tensors, write_artifact
 from trainables.compression.layouts import LAYOUTS, decode_tensor, encode_quantized
 from trainables.compression.plan import CompressionPlan, GroupPlan, PlanError
 from trainables.compression.prune import apply_mask
@@ -146,7 +146,7 @@ def test_a_wrong_scale_length_is_refused(tmp_path: Path) -> None:
     save_compressed(model, None, path, META)
     header, tensors = read_tensors(path)
     tensors["0.weight::scale"] = tensors["0.weight::scale"][:-1].clone()
-    fields = {k: v for k, v in header.items() if k not in ("format", "format_version", "checksums")}
+    fields = caller_fields(header)
     bad = tmp_path / "bad.safetensors"
     write_artifact(bad, tensors, fields)  # checksums are right: only the length is wrong
     with pytest.raises(CodecError, match=r"'0\.weight'.*scale.*F32\[8\]"):

@@ -57,24 +57,6 @@ MAX_HEADER_BYTES = 64 << 20
 _HEADER_ZSTD_LEVEL = 19
 #: Separates a state-dict key from the name of one of its streams in the file (``conv.weight::indices``).
 SEP = "::"
-#: Bytes per element of each safetensors dtype.
-ITEMSIZE = {
-    "F64": 8,
-    "F32": 4,
-    "F16": 2,
-    "BF16": 2,
-    "I64": 8,
-    "I32": 4,
-    "I16": 2,
-    "I8": 1,
-    "U64": 8,
-    "U32": 4,
-    "U16": 2,
-    "U8": 1,
-    "BOOL": 1,
-    "F8_E4M3": 1,
-    "F8_E5M2": 1,
-}
 #: The torch dtype of each safetensors dtype name this torch has (the names of a version-3 index).
 TORCH_DTYPES: dict[str, torch.dtype] = {
     name: dtype
@@ -98,6 +80,16 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
     if dtype is not None
 }
 _DTYPE_NAMES = {dtype: name for name, dtype in TORCH_DTYPES.items()}
+#: Bytes per element of each safetensors dtype.
+ITEMSIZE = {name: dtype.itemsize for name, dtype in TORCH_DTYPES.items()}
+#: Header keys the container writes itself; the others are the caller's fields (`caller_fields`).
+CONTAINER_KEYS = ("format", "format_version", "checksum", "checksums")
+
+
+def caller_fields(header: Mapping[str, Any]) -> dict[str, Any]:
+    """The fields of a header as `read_header` returns it that ``write_artifact(path, tensors, fields)`` took:
+    everything but `CONTAINER_KEYS`, so a file can be written again (another version, edited tensors)."""
+    return {k: v for k, v in header.items() if k not in CONTAINER_KEYS}
 
 
 def _tensor_checksum(name: str, t: torch.Tensor) -> str:
@@ -140,7 +132,7 @@ def write_artifact(
     if version not in WRITABLE_VERSIONS:
         raise CodecError(f"{path}: cannot write format version {version!r}; writable: {WRITABLE_VERSIONS}")
     header = {"format": FORMAT_NAME, "format_version": version, **fields}
-    if version in (1, 2):
+    if version < 3:
         _write_tensorwise(path, tensors, header)
         return
     index = []
