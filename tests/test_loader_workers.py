@@ -63,16 +63,22 @@ def test_loader_workers_keeps_one_cpu_for_the_main_process_and_the_env_overrides
             loader_workers(4)
 
 
-def test_cpu_paths_are_untouched_by_the_cuda_settings():
+def test_cpu_gets_channels_last_but_not_the_cuda_settings():
+    # channels_last is the layout oneDNN's CPU convolutions are fastest in (benchmarks/bench_layout.py), so the
+    # CPU gets it too; cuDNN autotuning stays a CUDA-only setting.
     model = tiny_model()
-    before = {k: v.stride() for k, v in model.state_dict().items()}
     benchmark = torch.backends.cudnn.benchmark
     cpu = torch.device("cpu")
     with fast_convolutions(model, device=cpu):
-        assert {k: v.stride() for k, v in model.state_dict().items()} == before
-    assert torch.backends.cudnn.benchmark == benchmark
+        conv = model.backbone[0].weight
+        assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+        assert torch.backends.cudnn.benchmark == benchmark
+    assert all(p.is_contiguous() for p in model.parameters())
     batch = torch.randn(2, 3, 8, 8)
-    assert device_batch(batch, cpu) is batch
+    moved = device_batch(batch, cpu)
+    assert moved.is_contiguous(memory_format=torch.channels_last) and torch.equal(moved, batch)
+    vectors = torch.randn(2, 8)
+    assert device_batch(vectors, cpu) is vectors
 
 
 def test_channels_last_backbone_keeps_the_model_working_and_is_undone_on_exit():

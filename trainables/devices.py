@@ -1,5 +1,6 @@
 """Where torch runs: the device a model's weights are on, the device a trial's GPU share maps to, how many
-loader workers a process runs, and what CUDA gets on top (bf16 autocast, cuDNN autotuning, channels_last)."""
+loader workers a process runs, the convolutions' memory layout (channels_last), and what CUDA gets on top
+(bf16 autocast, cuDNN autotuning)."""
 
 from __future__ import annotations
 
@@ -108,28 +109,25 @@ def process_loader_workers() -> int:
 
 def device_batch(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A loaded batch on ``device``: copied without blocking (from pinned memory when a loader pinned it; pinned
-    tensors must go straight here, a ``torch.cat``/``stack`` first would copy them to pageable memory), and in
-    channels_last on CUDA, the layout `fast_convolutions` gives the convolutions. On the CPU: the same tensor."""
-    if device.type != "cuda":
-        return batch.to(device)
-    batch = batch.to(device, non_blocking=True)
+    tensors must go straight here, a ``torch.cat``/``stack`` first would copy them to pageable memory), in
+    channels_last when it is an image batch, the layout `fast_convolutions` gives the convolutions."""
+    batch = batch.to(device, non_blocking=device.type == "cuda")
     return batch.contiguous(memory_format=torch.channels_last) if batch.dim() == 4 else batch
 
 
 @contextlib.contextmanager
 def fast_convolutions(*models: nn.Module | None, device: torch.device) -> Iterator[None]:
-    """On CUDA, for the block: ``torch.backends.cudnn.benchmark = True`` (cuDNN times its algorithms once per
-    input shape and keeps the fastest; the shapes here repeat) and each model's conv backbone (its ``backbone``
-    ``nn.Sequential``) in channels_last, the layout tensor cores read without transposing (its output stays
-    channels_last: NetVLAD's ``view(B, D, H*W)`` works on it, H and W stay adjacent in memory). On exit the
+    """For the block: each model's conv backbone (its ``backbone`` ``nn.Sequential``) in channels_last, and on
+    CUDA ``torch.backends.cudnn.benchmark = True`` (cuDNN times its algorithms once per input shape and keeps the
+    fastest; the shapes here repeat). channels_last is the layout tensor cores read without transposing, and the
+    one oneDNN's CPU convolutions run fastest in: a training step of the embedded EfficientNet-Lite0 base takes
+    0.64x the time, the tiny / AlexNet / VGG16 backbones 0.71-0.80x (benchmarks/bench_layout.py). The output
+    stays channels_last: NetVLAD's ``view(B, D, H*W)`` works on it, H and W stay adjacent in memory. On exit the
     weights go back to the plain layout (checkpoints and compression see what they always did) and
-    ``cudnn.benchmark`` to its value. Models without a conv backbone, and every CPU device, are left exactly as they are (the CPU
-    keeps its bit-for-bit results)."""
-    if device.type != "cuda":
-        yield
-        return
+    ``cudnn.benchmark`` to its value. Models without a conv backbone are left exactly as they are."""
     benchmark = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = True
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
     backbones = []
     for model in models:
         backbone = getattr(model, "backbone", None)
