@@ -1,9 +1,11 @@
 """The prepared benchmark scripts: `benchmarks/gpu_check.sh` (for a borrowed GPU machine) parses, its inline Python
 compiles and every flag it passes exists; `benchmarks/bench_real_size.py` answers ``--help`` and its graph model
-(FLOPs and saved activations from meta tensors, the basis of its GPU cost model) counts what the layers compute."""
+(FLOPs and saved activations from meta tensors, the basis of its GPU cost model) counts what the layers compute;
+`benchmarks/bench_layout.py` times both memory layouts of a real (tiny) model."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -79,3 +81,15 @@ def test_saved_activations_follow_what_trains(bench):
     # Every layer training keeps at least each conv's input; the first conv's input is the image itself.
     assert saved["all"] >= 4 * (3 * 224 * 224 + 64 * 27 * 27 + 192 * 13 * 13 + 384 * 13 * 13 + 256 * 13 * 13)
     assert bench.saved_activation_bytes("alexnet", 224, 224, "all", torch.float16) < saved["all"]
+
+
+def test_bench_layout_times_both_layouts_and_finds_the_same_descriptors(tmp_path, capsys):
+    layout = load_benchmark(REPO / "benchmarks" / "bench_layout.py")
+    out = tmp_path / "layout.json"
+    assert layout.main(["--backbones", "tiny", "--reps", "1", "--json", str(out)]) == 0
+    row = json.loads(out.read_text())["tiny"]
+    assert min(row["plain_step"], row["cl_step"], row["plain_fwd"], row["cl_fwd"]) > 0
+    assert row["max_abs_diff"] < 1e-3, row
+    assert "| tiny | 28 x 128² |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        layout.main(["--reps", "0"])

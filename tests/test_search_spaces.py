@@ -187,7 +187,7 @@ def test_pareto_space_searches_sigma_threshold_and_bits_per_group_whitening_dim_
 
 def test_smoke_space_reaches_high_compression():
     space = load_search_space("smoke")
-    assert space.num_samples == 12
+    assert space.num_samples >= 12  # issue 10: the embedded default runs at least 12 trials
     assert space.fixed["prune_mode"] == "sigma"
     # The embedded base has no whitening: the conv group is the file. Thresholds stay below sqrt(3), where a layer
     # with uniformly distributed weights (the tiny backbone's init) would be pruned whole.
