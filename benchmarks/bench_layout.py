@@ -52,45 +52,37 @@ def measure(backbone: str, reps: int, seed: int = 0) -> dict[str, float]:
     images = torch.randn(n, 3, side, side)
     cpu = torch.device("cpu")
 
-    def step() -> None:
-        model.zero_grad(set_to_none=True)
-        model(device_batch(images, cpu)).sum().backward()
+    plain, fast = images, device_batch(images, cpu)  # device_batch gives the channels_last images
 
-    def forward() -> torch.Tensor:
+    def step(batch: torch.Tensor) -> None:
+        model.zero_grad(set_to_none=True)
+        model(batch).sum().backward()
+
+    def forward(batch: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return model(device_batch(images, cpu))
+            return model(batch)
 
     def channels_last(fn: Callable[[], object]) -> float:
         with fast_convolutions(model, device=cpu):
             return _seconds(fn)
 
-    # device_batch gives channels_last images; the plain arm must see plain ones.
-    def plain_step() -> None:
-        model.zero_grad(set_to_none=True)
-        model(images).sum().backward()
-
-    def plain_forward() -> None:
-        with torch.no_grad():
-            model(images)
-
     times: dict[str, list[float]] = {k: [] for k in ("plain_step", "cl_step", "plain_fwd", "cl_fwd")}
     for rep in range(reps + 1):  # rep 0 warms both up
         sample = {
-            "plain_step": _seconds(plain_step),
-            "cl_step": channels_last(step),
-            "plain_fwd": _seconds(plain_forward),
-            "cl_fwd": channels_last(forward),
+            "plain_step": _seconds(lambda: step(plain)),
+            "cl_step": channels_last(lambda: step(fast)),
+            "plain_fwd": _seconds(lambda: forward(plain)),
+            "cl_fwd": channels_last(lambda: forward(fast)),
         }
         if rep:
             for key, value in sample.items():
                 times[key].append(value)
     model.eval()
-    with torch.no_grad():
-        reference = model(images)
+    reference = forward(plain)
     with fast_convolutions(model, device=cpu):
-        fast = forward()
+        difference = (forward(fast) - reference).abs().max()
     out = {key: statistics.median(values) for key, values in times.items()}
-    out["max_abs_diff"] = float((fast - reference).abs().max())
+    out["max_abs_diff"] = float(difference)
     return out
 
 

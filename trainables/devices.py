@@ -121,7 +121,7 @@ def fast_convolutions(*models: nn.Module | None, device: torch.device) -> Iterat
     CUDA ``torch.backends.cudnn.benchmark = True`` (cuDNN times its algorithms once per input shape and keeps the
     fastest; the shapes here repeat). channels_last is the layout tensor cores read without transposing, and the
     one oneDNN's CPU convolutions run fastest in: a training step of the embedded EfficientNet-Lite0 base takes
-    0.58x the time, the tiny / AlexNet / VGG16 backbones 0.77-0.84x (benchmarks/bench_layout.py). The output
+    0.51-0.58x the time, the tiny / AlexNet / VGG16 backbones 0.73-0.88x (benchmarks/bench_layout.py). The output
     stays channels_last: NetVLAD's ``view(B, D, H*W)`` works on it, H and W stay adjacent in memory. On exit the
     weights go back to the plain layout (checkpoints and compression see what they always did) and
     ``cudnn.benchmark`` to its value. Models without a conv backbone are left exactly as they are."""
