@@ -83,6 +83,7 @@ def test_tiny_model_shapes_and_l2_norm():
     torch.testing.assert_close(local.norm(dim=2), torch.ones(2, 80))
     assert model.compression_groups() == {
         "conv": ["backbone.0", "backbone.2", "backbone.5", "backbone.8", "backbone.10"],
+        "depthwise": [],  # the tiny backbone has none
         "netvlad": ["pool.conv"],
         "whitening": ["whiten"],
     }
@@ -413,6 +414,14 @@ def test_backbone_dims_match_built_outputs():
 def test_efficientnet_lite0_every_conv_is_compressed():
     with torch.device("meta"):
         model = build_netvlad({"backbone": "efficientnet_lite0", "num_clusters": 4, "whitening_dim": None})
-    convs = [f"backbone.{n}" for n, m in model.backbone.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    convs = {f"backbone.{n}": m for n, m in model.backbone.named_modules() if isinstance(m, torch.nn.Conv2d)}
     assert len(convs) == 33
-    assert model.compression_groups()["conv"] == convs
+    groups = model.compression_groups()
+    # Every conv in exactly one of the two conv groups; the 11 depthwise ones (one 3x3 or 5x5 filter per
+    # channel) in their own.
+    assert sorted(groups["conv"] + groups["depthwise"]) == sorted(convs)
+    assert len(groups["depthwise"]) == 11
+    for name in groups["depthwise"]:
+        m = convs[name]
+        assert m.groups == m.in_channels == m.out_channels > 1 and m.kernel_size in ((3, 3), (5, 5)), name
+    assert all(convs[name].groups == 1 for name in groups["conv"])

@@ -19,13 +19,13 @@ from typing import Any
 # ----------------------------------------------------------------------------------------------- value domains
 
 #: Layer groups a NetVLAD model exposes (``NetVLADModel.compression_groups()``), in canonical order.
-GROUPS: tuple[str, ...] = ("conv", "netvlad", "whitening")
+GROUPS: tuple[str, ...] = ("conv", "depthwise", "netvlad", "whitening")
 #: How a pruning threshold is read (``trainables.compression.plan.GroupPlan.prune``).
 PRUNE_MODES: tuple[str, ...] = ("abs", "sigma", "none")
 #: How a group's weights are quantized (``GroupPlan.quant``).
 QUANT_MODES: tuple[str, ...] = ("uniform", "kmeans", "none")
 #: How a quantized layer's codebook is scaled (``GroupPlan.scale``): ``layer`` (one codebook for the raw weights)
-#: or ``channel`` (k-means only: one shared codebook over each output channel divided by its own float32 scale).
+#: or ``channel`` (k-means only: one shared codebook over each output channel divided by its own scale, a float16 value).
 SCALE_MODES: tuple[str, ...] = ("layer", "channel")
 #: The dtype the biases of a quantized group's layers ship in (``CompressionPlan.bias_dtype``): ``float16`` rounds
 #: them once training is done, so the file stores them in half the bytes and decodes them exactly.
@@ -299,7 +299,7 @@ def _params() -> dict[str, ParamSpec]:
             str,
             "layer",
             "Codebook scale of a k-means layer: 'layer' (one codebook for the raw weights) or 'channel' (the "
-            "shared codebook fit to each output channel over its own float32 scale, stored in the file).",
+            "shared codebook fit to each output channel over its own scale, a float16 value stored in the file).",
             choices=SCALE_MODES,
         ),
         *[
@@ -346,8 +346,8 @@ def _params() -> dict[str, ParamSpec]:
             "groups",
             str,
             ",".join(GROUPS),
-            "Layer groups that are compressed (comma-separated subset of conv, netvlad, whitening); the "
-            "others stay dense fp32.",
+            f"Layer groups that are compressed (comma-separated subset of {', '.join(GROUPS)}; depthwise is "
+            "empty on backbones without depthwise convs); the others stay dense fp32.",
             check_str=_check_groups,
         ),
         ParamSpec(

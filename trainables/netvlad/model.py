@@ -68,6 +68,11 @@ class NetVLADConfig:
         return self.whitening_dim if self.whitening_dim is not None else self.vlad_dim
 
 
+def is_depthwise(conv: nn.Conv2d) -> bool:
+    """One filter per input channel (``groups == in_channels > 1``), as in MobileNet-style separable convs."""
+    return conv.groups > 1 and conv.groups == conv.in_channels
+
+
 class NetVLADModel(nn.Module):
     """backbone -> NetVLAD -> [whitening Linear -> L2]; ``forward(images (B,3,H,W)) -> (B, out_dim)``, L2-normalized."""
 
@@ -124,10 +129,18 @@ class NetVLADModel(nn.Module):
         return v
 
     def compression_groups(self) -> dict[str, list[str]]:
-        """Qualified module names per compression group: every backbone conv, the NetVLAD conv, the whitening."""
+        """Qualified module names per compression group: the backbone's convs (``depthwise``: those with one filter
+        per input channel, an empty group for backbones without them; ``conv``: the others), the NetVLAD conv, the
+        whitening.
+
+        Depthwise convs are their own group because they are few weights with very different needs: on the
+        embedded base (EfficientNet-Lite0, folded batch norm) they are 10% of the weights, and quantizing them
+        with the same bits as the pointwise convs cost most of the validation mAP (benchmarks/RESULTS.md)."""
+        # named_modules, not named_children: EfficientNet's convs sit inside blocks (depthwise + pointwise).
+        convs = [(f"backbone.{n}", m) for n, m in self.backbone.named_modules() if isinstance(m, nn.Conv2d)]
         groups = {
-            # named_modules, not named_children: EfficientNet's convs sit inside blocks (depthwise + pointwise).
-            "conv": [f"backbone.{n}" for n, m in self.backbone.named_modules() if isinstance(m, nn.Conv2d)],
+            "conv": [n for n, m in convs if not is_depthwise(m)],
+            "depthwise": [n for n, m in convs if is_depthwise(m)],
             "netvlad": ["pool.conv"],
         }
         if self.whiten is not None:
