@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -17,7 +18,13 @@ from trainables.compression.container import caller_fields, read_tensors, write_
 from trainables.compression.layouts import LAYOUTS, decode_tensor, encode_quantized
 from trainables.compression.plan import CompressionPlan, GroupPlan, PlanError
 from trainables.compression.prune import apply_mask
-from trainables.compression.quantize import _lookup, quantize_module, quantized_view
+from trainables.compression.quantize import (
+    SCALE_RANGE,
+    _lookup,
+    channel_scales,
+    quantize_module,
+    quantized_view,
+)
 from trainables.compression.report import read_size_report
 from trainables.compression.schedule import quantize_and_finetune
 from trainables.contract import TrialConfigError, resolve_trial_config
@@ -91,6 +98,13 @@ def test_every_layout_decodes_the_scaled_weight_bit_exact(shape: tuple[int, ...]
         assert rec["scale"] == "channel"
         got = decode_tensor(rec, payload)
         assert torch.equal(got.view(torch.int32), want.view(torch.int32)), layout  # signs of zeros too
+        # These scales are not float16 values: stored as float32, as every file before float16 scales.
+        assert "scale_dtype" not in rec and payload["scale"].dtype == np.float32, layout
+        half = scale.to(torch.float16).to(torch.float32)
+        rec, payload = encode_quantized(codebook, indices, mask, 3, "kmeans", layout=layout, scale=half)
+        assert rec["scale_dtype"] == "float16" and payload["scale"].dtype == np.float16, layout
+        got = decode_tensor(rec, payload)
+        assert torch.equal(got, _lookup(codebook, indices, mask, half)), layout
     with pytest.raises(CodecError, match=f"scale has {shape[0] - 1} values, expected {shape[0]}"):
         encode_quantized(codebook, indices, mask, 3, "kmeans", scale=scale[:-1])
     with pytest.raises(CodecError, match="finite and > 0"):
@@ -128,15 +142,26 @@ def test_channel_scaled_file_decodes_bit_exact(tmp_path: Path, sparsity: float) 
     for name in LAYERS:
         row = rows[f"{name}.weight"]
         channels = model.get_submodule(name).weight.shape[0]
-        assert f"scale:float32x{channels}" in row.encoding
+        assert f"scale:float16x{channels}" in row.encoding
     # The scale bytes are in the layer's payload: every stored tensor of the layer, the scales included.
     header, tensors = read_tensors(path)
     for name in LAYERS:
-        assert tensors[f"{name}.weight::scale"].dtype == torch.float32
+        assert header["tensors"][f"{name}.weight"]["scale_dtype"] == "float16"
+        assert tensors[f"{name}.weight::scale"].dtype == torch.float16
         assert rows[f"{name}.weight"].payload_bytes == sum(
             t.numel() * t.element_size() for k, t in tensors.items() if k.startswith(f"{name}.weight::")
         )
     assert read_size_report(path).totals["file_bytes"] == path.stat().st_size
+
+
+def test_channel_scales_are_float16_values_in_the_float16_range() -> None:
+    w = torch.tensor([[0.3, -0.7], [1e-9, 0.0], [0.0, 0.0], [1e6, 2.0], [0.1234567, 0.0]])
+    s = channel_scales(w, torch.ones_like(w, dtype=torch.bool))
+    assert s.dtype == torch.float32
+    assert torch.equal(s.to(torch.float16).to(torch.float32), s)
+    low, high = SCALE_RANGE
+    assert s.tolist()[:4] == [pytest.approx(0.7, rel=1e-3), low, 1.0, high]
+    assert s[4] != 0.1234567 and s[4] == pytest.approx(0.1234567, rel=2**-11)
 
 
 def test_a_wrong_scale_length_is_refused(tmp_path: Path) -> None:
@@ -149,11 +174,20 @@ def test_a_wrong_scale_length_is_refused(tmp_path: Path) -> None:
     fields = caller_fields(header)
     bad = tmp_path / "bad.safetensors"
     write_artifact(bad, tensors, fields)  # checksums are right: only the length is wrong
-    with pytest.raises(CodecError, match=r"'0\.weight'.*scale.*F32\[8\]"):
+    with pytest.raises(CodecError, match=r"'0\.weight'.*scale.*F16\[8\]"):
         load_compressed(bad)
     # Scales of the right length that are not finite and positive (checksums recomputed: only the values are bad).
-    write_artifact(bad, {**tensors, "0.weight::scale": torch.full((8,), float("nan"))}, fields)
+    nan = torch.full((8,), float("nan"), dtype=torch.float16)
+    write_artifact(bad, {**tensors, "0.weight::scale": nan}, fields)
     with pytest.raises(CodecError, match="finite and > 0"):
+        load_compressed(bad)
+    # float32 scales under a record that says float16, and a scale dtype the format does not know.
+    write_artifact(bad, {**tensors, "0.weight::scale": torch.ones(8)}, fields)
+    with pytest.raises(CodecError, match=r"scale.*F16\[8\]"):
+        load_compressed(bad)
+    fields["tensors"]["0.weight"]["scale_dtype"] = "bfloat16"
+    write_artifact(bad, {**tensors, "0.weight::scale": torch.ones(8)}, fields)
+    with pytest.raises(CodecError, match="scale_dtype 'bfloat16' is not one of float32, float16"):
         load_compressed(bad)
     # A record that names a scale kind the format does not know.
     fields["tensors"]["0.weight"]["scale"] = "row"

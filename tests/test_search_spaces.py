@@ -174,7 +174,8 @@ def test_pareto_space_searches_sigma_threshold_and_bits_per_group_whitening_dim_
     # ~3.3·std at which a Gaussian-like conv layer of the tiny base would be pruned whole.
     assert space.fixed["prune_mode"] == "sigma" and "threshold" not in space.params
     assert space.params["l1_lambda"].log
-    for g in GROUPS:
+    assert space.fixed["groups"] == "conv,netvlad,whitening"  # a VGG16 base: no depthwise convs
+    for g in space.fixed["groups"].split(","):
         t = space.params[f"threshold_{g}"]
         assert t.kind == "float" and t.log and 0 < t.low < t.high <= 3.0
         p = space.params[f"bits_{g}"]
@@ -189,15 +190,18 @@ def test_smoke_space_reaches_high_compression():
     space = load_search_space("smoke")
     assert space.num_samples >= 12  # issue 10: the embedded default runs at least 12 trials
     assert space.fixed["prune_mode"] == "sigma"
-    # The embedded base has no whitening: the conv group is the file. Thresholds stay below sqrt(3), where a layer
-    # with uniformly distributed weights (the tiny backbone's init) would be pruned whole.
-    assert space.fixed["groups"] == "conv,netvlad"
+    # The embedded base has no whitening: the conv and depthwise groups are the file, each with its own bits, and
+    # channel-scaled codebooks. Thresholds stay below sqrt(3), where a layer with uniformly distributed weights (the
+    # tiny backbone's init) would be pruned whole.
+    assert space.fixed["groups"] == "conv,depthwise,netvlad"
+    assert space.fixed["scale"] == "channel"
     assert space.params["threshold_conv"].high < math.sqrt(3)
     assert space.fixed["threshold"] < math.sqrt(3)
-    assert space.params["bits"].low <= 4 and space.params["bits"].high >= 8
+    assert space.params["bits_conv"].low <= 2 and space.params["bits_conv"].high >= 4
+    assert space.params["bits_depthwise"].low <= 3 and space.params["bits_depthwise"].high >= 6
     # few steps: the smoke space must stay cheap on a CPU
     assert all(
-        space.fixed.get(k, TRIAL_PARAMS[k].default) <= 15
+        space.fixed.get(k, TRIAL_PARAMS[k].default) <= 30
         for k in ("l1_steps", "retrain_steps", "quant_steps")
     )
 

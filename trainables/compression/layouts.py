@@ -4,8 +4,9 @@
   ``dense`` (one symbol per weight: the index, or an extra "zero" code where pruned), ``bitmap`` (a keep bitmap +
   the indices of the kept weights) or ``gaps`` (relative-index gaps as in Deep Compression, with an escape symbol
   for gaps too long for the alphabet, + the indices); each stream is coded by `streams.encode_symbols`
-  (raw bits, zstd or ANS, the smallest); a channel-scaled weight (``QuantView.scale``) also stores its float32
-  scales, one per output channel (``"scale": "channel"`` in the record, the ``scale`` tensor);
+  (raw bits, zstd or ANS, the smallest); a channel-scaled weight (``QuantView.scale``) also stores its
+  scales, one per output channel (``"scale": "channel"`` in the record, the ``scale`` tensor; float16 when every
+  scale is a float16 value, as `quantize.channel_scales` makes them, ``"scale_dtype": "float16"``);
 - a pruned, not quantized weight (``quantize.prune_mask``) as its kept values (stored in the weight's dtype) plus the
   positions (``bitmap`` or ``gaps``), or dense when that is smaller.
 
@@ -361,8 +362,18 @@ def encode_quantized(
     payload["codebook"] = codebook.detach().cpu().to(torch.float32).contiguous().numpy()
     if scale is not None:
         record["scale"] = "channel"
-        payload["scale"] = scale.numpy()
+        half = scale.to(torch.float16)
+        if torch.equal(half.to(torch.float32), scale):  # always, for `quantize.channel_scales`
+            record["scale_dtype"] = "float16"
+            payload["scale"] = half.numpy()
+        else:
+            payload["scale"] = scale.numpy()
     return record, payload
+
+
+#: How a record's channel scales are stored (``"scale_dtype"``; absent = float32, the files written before float16
+#: scales): the stored tensor's dtype.
+_SCALE_DTYPES = {"float32": "F32", "float16": "F16"}
 
 
 def _channels(shape: tuple[int, ...]) -> int:
@@ -484,7 +495,12 @@ def check_record(record: Any, shape: tuple[int, ...], stored: Mapping[str, tuple
         if scale is not None:
             if scale != "channel":
                 raise CodecError(f"scale {scale!r} is not 'channel' (a layer-scaled record has no 'scale')")
-            payload["scale"] = ("F32", [_channels(shape)])
+            scale_dtype = record.get("scale_dtype", "float32")
+            if scale_dtype not in _SCALE_DTYPES:
+                raise CodecError(f"scale_dtype {scale_dtype!r} is not one of {', '.join(_SCALE_DTYPES)}")
+            payload["scale"] = (_SCALE_DTYPES[scale_dtype], [_channels(shape)])
+        elif "scale_dtype" in record:
+            raise CodecError("scale_dtype is set on a record without channel scales")
     elif kind == "pruned":
         dtype = record.get("dtype")
         if dtype not in FLOAT_DTYPES:

@@ -105,7 +105,7 @@ def _encoding(rec: dict[str, Any]) -> str:
     if rec["kind"] == "pruned" and layout == "dense":
         parts.append(f"raw {rec['dtype']}")
     if rec.get("scale") == "channel":
-        parts.append(f"scale:float32x{rec['shape'][0] if rec['shape'] else 1}")
+        parts.append(f"scale:{rec.get('scale_dtype', 'float32')}x{rec['shape'][0] if rec['shape'] else 1}")
     return f"{layout} ({', '.join(parts)})" if parts else layout
 
 
