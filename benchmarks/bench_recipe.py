@@ -9,7 +9,8 @@ ships) the base is compressed three times at the same per-layer sparsity and bit
 same size:
 
 - ``recipe``: the shipped schedule: L1 (proximal) sparsify → prune → retrain → k-means → trained centroids;
-- ``no L1``: the same steps with λ = 0, each layer pruned at the threshold that gives the recipe's sparsity;
+- ``no L1``: the same steps with λ = 0, each layer pruned at the threshold that drops as many weights as the
+  recipe's prune mask does;
 - ``no retraining``: no training step at all (post-training pruning + k-means), same per-layer sparsity.
 
 Each file is written with the codec, decoded into a fresh model and measured on the validation and the test split;
@@ -42,8 +43,8 @@ from search_spaces.schema import load_search_space
 from trainables.base import MODEL_FILE, build_base, load_base, preset_config, retrain_fn, trial_miner
 from trainables.compression.codec import load_compressed, save_compressed
 from trainables.compression.plan import CompressionPlan
-from trainables.compression.prune import prune_layers, sparsity_report
-from trainables.compression.quantize import effective_weight
+from trainables.compression.prune import prune_layers
+from trainables.compression.quantize import effective_weight, prune_mask
 from trainables.compression.schedule import quantize_and_finetune, sparsify
 from trainables.contract import SCALE_MODES, resolve_trial_config
 from trainables.data.registry import load_dataset
@@ -62,12 +63,22 @@ POINTS: dict[str, dict[str, Any]] = {
 }
 
 
-def _matching_thresholds(model: torch.nn.Module, target: dict[str, Any]) -> dict[str, float]:
-    """Per-layer absolute thresholds that prune each layer of ``model`` to the sparsity it has in ``target`` (a
-    `sparsity_report`): the k-th smallest |w|, k = pruned count (ties may prune a few more)."""
-    want = {row["layer"]: row["params"] - row["nonzeros"] for row in target["layers"]}
+def _pruned_counts(model: torch.nn.Module, groups: dict[str, list[str]]) -> dict[str, int]:
+    """Entries each layer's prune mask drops (0 for a layer with no mask). Not the exact zeros: at a threshold of 0
+    the recipe keeps the weights L1 set to 0, and retraining moves them again."""
     out = {}
-    for name, k in want.items():
+    for names in groups.values():
+        for name in names:
+            mask = prune_mask(model.get_submodule(name))
+            out[name] = 0 if mask is None else int((~mask).sum())
+    return out
+
+
+def _matching_thresholds(model: torch.nn.Module, target: dict[str, int]) -> dict[str, float]:
+    """Per-layer absolute thresholds that prune each layer of ``model`` as many entries as ``target`` (a
+    `_pruned_counts`) says: the k-th smallest |w| (ties may prune a few more)."""
+    out = {}
+    for name, k in target.items():
         w = effective_weight(model.get_submodule(name)).detach().abs().reshape(-1)
         out[name] = float(w.kthvalue(k).values) * (1 + 1e-7) if k > 0 else 0.0
     return out
@@ -125,7 +136,7 @@ def run_point(
         for r in range(arm_plan.prune_rounds):
             if arm == "recipe":
                 prune_layers(model, arm_plan, groups)
-                target[r] = sparsity_report(model, groups)
+                target[r] = _pruned_counts(model, groups)
             else:
                 prune_layers(model, arm_plan, groups, _matching_thresholds(model, target[r]))
             if arm_plan.retrain_steps:
