@@ -133,9 +133,9 @@ class NetVLADModel(nn.Module):
         per input channel, an empty group for backbones without them; ``conv``: the others), the NetVLAD conv, the
         whitening.
 
-        Depthwise convs are their own group because they are few weights with very different needs: on the
-        embedded base (EfficientNet-Lite0, folded batch norm) they are 10% of the weights, and quantizing them
-        with the same bits as the pointwise convs cost most of the validation mAP (benchmarks/RESULTS.md)."""
+        Depthwise convs are their own group because they are few weights with other needs: on the embedded base
+        (EfficientNet-Lite0, folded batch norm) they are 10% of the weights, so they can keep 4-6 bits at little
+        cost while the pointwise convs go to 3 (benchmarks/RESULTS.md, "Depthwise group")."""
         # named_modules, not named_children: EfficientNet's convs sit inside blocks (depthwise + pointwise).
         convs = [(f"backbone.{n}", m) for n, m in self.backbone.named_modules() if isinstance(m, nn.Conv2d)]
         groups = {
