@@ -441,12 +441,15 @@ def check_groups(space: Any, space_path: Path, base_config: Any) -> None:
         else [space.fixed.get("groups", TRIAL_PARAMS["groups"].default)]
     )
     for value in values:
-        missing = [g.strip() for g in str(value).split(",") if g.strip() not in available]
+        named = [g.strip() for g in str(value).split(",")]
+        missing = [g for g in named if g not in available]
         if missing:
+            # The space's own groups without the missing ones: what it meant, on this base.
+            fix = [g for g in named if g in available] or available
             raise UsageError(
                 f"{space_path}: groups = {value!r} names {', '.join(missing)}, which the base "
                 f"({base_config.backbone}, whitening_dim={base_config.whitening_dim}) does not have; its groups "
-                f"are {', '.join(available)}. Set groups: {','.join(available)} in the space (fixed or choices), "
+                f"are {', '.join(available)}. Set groups: {','.join(fix)} in the space (fixed or choices), "
                 "or pick a base with whitening (--whitening-dim N)"
             )
 
