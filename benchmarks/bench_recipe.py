@@ -42,7 +42,7 @@ import yaml
 from search_spaces.schema import load_search_space
 from trainables.base import MODEL_FILE, build_base, load_base, preset_config, retrain_fn, trial_miner
 from trainables.compression.codec import load_compressed, save_compressed
-from trainables.compression.plan import CompressionPlan
+from trainables.compression.plan import CompressionPlan, group_layers
 from trainables.compression.prune import prune_layers
 from trainables.compression.quantize import effective_weight, prune_mask
 from trainables.compression.schedule import quantize_and_finetune, sparsify
@@ -70,10 +70,9 @@ def _pruned_counts(model: torch.nn.Module, groups: dict[str, list[str]]) -> dict
     """Entries each layer's prune mask drops (0 for a layer with no mask). Not the exact zeros: at a threshold of 0
     the recipe keeps the weights L1 set to 0, and retraining moves them again."""
     out = {}
-    for names in groups.values():
-        for name in names:
-            mask = prune_mask(model.get_submodule(name))
-            out[name] = 0 if mask is None else int((~mask).sum())
+    for _, name, module in group_layers(model, groups):
+        mask = prune_mask(module)
+        out[name] = 0 if mask is None else int((~mask).sum())
     return out
 
 
