@@ -624,7 +624,9 @@ def _check_consistency(params: Mapping[str, SearchParam], fixed: Mapping[str, An
                 add(f"params.{name}", _MISSING, "searched, but prune_mode = 'none': it has no effect")
     if "quant_mode" not in params and value("quant_mode") == "none":
         for name in params:
-            if name in ("bits", "scale") or name.startswith(("bits_", "scale_")):
+            if name in ("bits", "scale", "kmeans_rate") or name.startswith(
+                ("bits_", "scale_", "kmeans_rate_")
+            ):
                 add(f"params.{name}", _MISSING, "searched, but quant_mode = 'none': it has no effect")
     # The extremes of every range together, as a trial would read them.
     for corner in (0, 1):

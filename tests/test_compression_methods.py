@@ -10,6 +10,7 @@ from torch import nn
 
 from trainables.compression.kmeans1d import (
     assign_1d,
+    entropy_constrained_regions,
     kmeans_1d,
     linear_init,
     midpoint_boundaries,
@@ -154,6 +155,123 @@ def test_kmeans_mse_at_most_uniform_on_laplacian():
             layer.weight.data.copy_(w)
             mse[mode] = quantize_module(layer, mode, bits)["mse"]
         assert mse["kmeans"] < mse["uniform"], (bits, mse)
+
+
+def _index_entropy(indices: np.ndarray, k: int) -> float:
+    share = np.bincount(indices, minlength=k) / indices.size
+    share = share[share > 0]
+    return float(-(share * np.log2(share)).sum())
+
+
+def test_entropy_constrained_regions_are_the_argmin_of_error_plus_weighted_bits():
+    """The lower envelope gives every value the centroid a brute-force argmin over all of them gives (up to exact
+    cost ties); a centroid whose bits are infinite, or that is undercut everywhere, wins nothing."""
+    rng = np.random.default_rng(3)
+    c = np.sort(rng.normal(0, 1, 24))
+    c[5] = c[4]  # a duplicate: the cheaper (else the lower) index keeps it
+    bits = rng.uniform(0.5, 9.0, c.size)
+    bits[[2, 17]] = np.inf
+    x = np.concatenate([rng.normal(0, 1.5, 20000), c]).astype(np.float32)
+    for weight in (0.0, 0.05, 0.5, 3.0):
+        members, bounds = entropy_constrained_regions(c, bits, weight)
+        assert np.all(np.diff(members) > 0) and np.all(np.diff(bounds) >= 0)
+        assert not {2, 17} & set(members.tolist())
+        chosen = members[np.searchsorted(bounds, x, side="left")]
+        penalty = np.where(np.isfinite(bits), weight * np.where(np.isfinite(bits), bits, 0), np.inf)
+        cost = (x.astype(np.float64)[:, None] - c[None, :]) ** 2 + penalty[None, :]
+        best = cost.min(axis=1)
+        np.testing.assert_allclose(cost[np.arange(x.size), chosen], best, rtol=1e-12, atol=1e-12)
+        assert (cost[np.arange(x.size), chosen] == best).mean() > 0.999
+
+
+def test_entropy_constrained_kmeans_lowers_index_entropy_at_a_bounded_cost():
+    """rate 0 is Lloyd, bit for bit; a growing rate gives a lower index entropy and a higher error, the indices
+    are the assignment the result reports (its mse), the codebook stays ascending, and at about Lloyd-8's
+    entropy a 32-centroid entropy-constrained codebook has the lower error (why it exists)."""
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.laplace(0, 0.1, 40000), rng.normal(0, 0.5, 1000)]).astype(np.float32)
+    rng.shuffle(x)
+    lloyd = kmeans_1d(x, 32)
+    same = kmeans_1d(x, 32, rate=0.0)
+    np.testing.assert_array_equal(same.indices, lloyd.indices)
+    np.testing.assert_array_equal(same.centroids, lloyd.centroids)
+    last_h, last_mse = _index_entropy(lloyd.indices, 32), lloyd.mse
+    for rate in (0.02, 0.05, 0.1, 0.2):
+        res = kmeans_1d(x, 32, rate=rate)
+        h = _index_entropy(res.indices, 32)
+        assert h < last_h and res.mse > last_mse, (rate, h, last_h, res.mse, last_mse)
+        assert res.mse == pytest.approx(quantization_mse(x, res.centroids, res.indices), rel=1e-9)
+        assert np.all(np.diff(res.centroids) >= 0)
+        last_h, last_mse = h, res.mse
+    lloyd8 = kmeans_1d(x, 8, iters=200)
+    h8 = _index_entropy(lloyd8.indices, 8)
+    ec = min(
+        (kmeans_1d(x, 32, rate=r) for r in np.linspace(0.02, 0.2, 19)),
+        key=lambda r: abs(_index_entropy(r.indices, 32) - h8),
+    )
+    assert _index_entropy(ec.indices, 32) <= h8 + 0.05
+    assert ec.mse < lloyd8.mse, (ec.mse, lloyd8.mse)
+    with pytest.raises(ValueError, match="rate"):
+        kmeans_1d(x, 4, rate=-0.1)
+
+
+def test_entropy_constrained_objective_never_rises_and_reaches_a_fixed_point():
+    """Each step (assign by cost, then means and shares) cannot raise mse/var + rate·H; with enough steps the
+    assignment stops changing and rerunning from the result changes nothing."""
+    rng = np.random.default_rng(5)
+    x = rng.laplace(0, 1.0, 5000).astype(np.float32)
+    rate = 0.08
+    var = float(np.var(x.astype(np.float64)))
+    # From converged Lloyd centroids, so ``iters`` only counts the entropy-constrained steps.
+    lloyd = kmeans_1d(x, 16, iters=500)
+    assert lloyd.converged
+    objective = [lloyd.mse / var + rate * _index_entropy(lloyd.indices, 16)]
+    for iters in range(1, 12):
+        res = kmeans_1d(x, init=lloyd.centroids, iters=iters, rate=rate)
+        objective.append(res.mse / var + rate * _index_entropy(res.indices, 16))
+    assert all(b <= a + 1e-12 for a, b in zip(objective, objective[1:])), objective
+    assert objective[-1] < objective[0] - 0.01, objective  # the rate did move the assignment
+    res = kmeans_1d(x, 16, iters=500, rate=rate)
+    assert res.converged
+
+
+def test_entropy_constrained_quantization_ships_a_smaller_file_and_decodes_exactly(tmp_path):
+    """The plan key reaches the quantizer, the layer row reports the rate and the index entropy, the file is
+    smaller than Lloyd's at the same bits and decodes to the model that was measured; a rate with uniform levels
+    is refused by name."""
+    from trainables.compression.architectures import register_architecture
+    from trainables.compression.codec import load_compressed, save_compressed
+
+    register_architecture("toy-regression", lambda config: toy_regression()[0])
+    sizes, entropy = {}, {}
+    for rate in (0.0, 0.2):
+        model, x, y = toy_regression()
+        groups = {"conv": {"quant": "kmeans", "bits": 5}, "fc": {"quant": "kmeans", "bits": 5}}
+        if rate:
+            groups["fc"]["kmeans_rate"] = rate
+        plan = CompressionPlan.from_dict({"groups": groups, "quant_steps": 2})
+        assert ("kmeans_rate" in plan.to_dict()["groups"]["fc"]) == bool(rate)
+        assert CompressionPlan.from_dict(plan.to_dict()) == plan
+        report = quantize_and_finetune(model, plan, default_groups(model), make_train_fn(x, y))
+        fc = next(r for r in report["layers"] if r["layer"] == "3")
+        assert ("kmeans_rate" in fc) == bool(rate)
+        entropy[rate] = _index_entropy(quantized_view(model.get_submodule("3")).indices.numpy().ravel(), 32)
+        path = tmp_path / f"{rate}.safetensors"
+        sizes[rate] = save_compressed(
+            model, plan, path, {"architecture": {"name": "toy-regression", "config": {}}}
+        )
+        with torch.no_grad():
+            assert torch.equal(load_compressed(path)(x), model(x))
+        if rate:
+            assert fc["index_entropy_bits"] == pytest.approx(entropy[rate])
+    assert entropy[0.2] < entropy[0.0] - 0.5
+    assert sizes[0.2].totals["payload_bytes"] < sizes[0.0].totals["payload_bytes"]
+    with pytest.raises(PlanError, match=r"groups\.fc\.kmeans_rate = 0\.1 with groups\.fc\.quant = 'uniform'"):
+        CompressionPlan.from_dict({"groups": {"fc": {"quant": "uniform", "kmeans_rate": 0.1}}})
+    with pytest.raises(PlanError, match=r"groups\.fc\.kmeans_rate = -1"):
+        CompressionPlan.from_dict({"groups": {"fc": {"kmeans_rate": -1}}})
+    with pytest.raises(ValueError, match="kmeans_rate"):
+        quantize_module(nn.Linear(4, 4), "uniform", 4, kmeans_rate=0.1)
 
 
 # ---------------------------------------------------------------------------------------------- quantization
@@ -608,3 +726,39 @@ def test_float16_biases_are_rounded_after_training_and_ship_in_two_bytes_exactly
     assert files["float16"] == files["float32"] - 2 * (6 + 5)  # 11 biases, 2 bytes saved each
     with pytest.raises(PlanError, match="bias_dtype"):
         CompressionPlan.from_dict({"bias_dtype": "int8"})
+
+
+def test_contract_and_search_space_take_the_kmeans_rate_per_group(tmp_path):
+    """``kmeans_rate`` / ``kmeans_rate_<group>`` reach the plan only where they are not 0 (older plans and
+    headers read as before); out-of-range values, a rate with uniform levels and a searched rate that cannot
+    matter are refused before a trial, naming the key."""
+    from search_spaces.schema import SearchSpaceError, load_search_space
+    from trainables.contract import TrialConfigError, resolve_trial_config
+
+    out = resolve_trial_config({"kmeans_rate_conv": 0.1, "groups": "conv,netvlad"})
+    assert out["plan"]["groups"]["conv"]["kmeans_rate"] == 0.1
+    assert "kmeans_rate" not in out["plan"]["groups"]["netvlad"]
+    plan = CompressionPlan.from_dict(out["plan"])
+    assert plan.groups["conv"].kmeans_rate == 0.1 and plan.groups["netvlad"].kmeans_rate == 0.0
+    everywhere = resolve_trial_config({"kmeans_rate": 0.05, "groups": "conv,netvlad"})
+    assert {g["kmeans_rate"] for g in everywhere["plan"]["groups"].values()} == {0.05}
+    with pytest.raises(TrialConfigError, match=r"kmeans_rate_conv = 2.*0\.\.1"):
+        resolve_trial_config({"kmeans_rate_conv": 2})
+    with pytest.raises(TrialConfigError, match=r"kmeans_rate_conv = 0\.1.*needs quant_mode 'kmeans'"):
+        resolve_trial_config({"kmeans_rate_conv": 0.1, "quant_mode": "uniform"})
+    with pytest.raises(PlanError, match=r"groups\.conv\.kmeans_rate = 1\.5.*<= 1"):
+        CompressionPlan.from_dict({"groups": {"conv": {"kmeans_rate": 1.5}}})
+    unused = tmp_path / "n.yaml"
+    unused.write_text(
+        "description: x\nsampler: {type: random, seed: 0}\nparams:\n  kmeans_rate_conv: {float: [0.0, 0.2]}\n"
+        "fixed:\n  quant_mode: none\n"
+    )
+    with pytest.raises(SearchSpaceError, match="kmeans_rate_conv.*no effect"):
+        load_search_space(unused)
+    uniform = tmp_path / "u.yaml"
+    uniform.write_text(
+        "description: x\nsampler: {type: random, seed: 0}\nparams:\n  kmeans_rate: {float: [0.0, 0.2]}\n"
+        "fixed:\n  quant_mode: uniform\n"
+    )
+    with pytest.raises(SearchSpaceError, match="kmeans_rate.*kmeans"):
+        load_search_space(uniform)

@@ -32,6 +32,9 @@ SCALE_MODES: tuple[str, ...] = ("layer", "channel")
 BIAS_DTYPES: tuple[str, ...] = ("float32", "float16")
 #: Most bits per weight index (a codebook of 2^16 values).
 MAX_BITS = 16
+#: Largest entropy-constrained k-means rate (relative squared error per bit of index entropy): at 1 a bit is worth
+#: the whole variance, so nearly every weight lands on the centroid nearest the mean.
+MAX_KMEANS_RATE = 1.0
 
 # ------------------------------------------------------------------------------------------------- the stages
 
@@ -314,6 +317,28 @@ def _params() -> dict[str, ParamSpec]:
             for g in GROUPS
         ],
         ParamSpec(
+            "kmeans_rate",
+            float,
+            0.0,
+            "Entropy-constrained k-means: 0 is Lloyd (nearest centroid); r > 0 assigns each weight to the centroid "
+            "minimizing squared error + r·var·(bits of its index), so the entropy-coded indices shrink (the file "
+            "is smaller at the same bits); r is relative squared error per bit. kmeans only.",
+            low=0.0,
+            high=MAX_KMEANS_RATE,
+        ),
+        *[
+            ParamSpec(
+                f"kmeans_rate_{g}",
+                float,
+                None,
+                f"Entropy-constrained k-means rate for the {g} group (default: kmeans_rate).",
+                low=0.0,
+                high=MAX_KMEANS_RATE,
+                inherits="kmeans_rate",
+            )
+            for g in GROUPS
+        ],
+        ParamSpec(
             "bias_dtype",
             str,
             "float32",
@@ -411,12 +436,21 @@ def resolve_params(
         if spec.inherits is not None and out[name] is None:
             out[name] = out[spec.inherits]
     if out["quant_mode"] == "uniform":
-        # Uniform levels are not channel-scaled (GroupPlan refuses the pair too): refused here, before a trial.
+        # Uniform levels are neither channel-scaled nor entropy-constrained (GroupPlan refuses both too):
+        # refused here, before a trial.
         for g in out["groups"].split(","):
             if out[f"scale_{g}"] == "channel":
                 key = f"scale_{g}" if config.get(f"scale_{g}") is not None else "scale"
                 raise TrialConfigError(
                     key, "channel", "'channel' needs quant_mode 'kmeans' (with 'uniform' use 'layer')", source
+                )
+            if out[f"kmeans_rate_{g}"] > 0:
+                key = f"kmeans_rate_{g}" if config.get(f"kmeans_rate_{g}") is not None else "kmeans_rate"
+                raise TrialConfigError(
+                    key,
+                    out[f"kmeans_rate_{g}"],
+                    "a rate > 0 needs quant_mode 'kmeans' (with 'uniform' use 0)",
+                    source,
                 )
     return out
 
@@ -428,7 +462,7 @@ def resolve_trial_config(
 
     Returns ``{"plan": ..., "lr": float, "params": {...}}``: ``plan`` is exactly the dict form
     ``CompressionPlan.from_dict`` takes (``groups`` → ``{"prune", "threshold", "quant", "bits"}``, plus ``"scale"``
-    when it is not ``"layer"``, for each compressed group, plus ``l1_lambda``, ``l1_steps``, ``prune_rounds``,
+    when it is not ``"layer"`` and ``"kmeans_rate"`` when it is not 0, for each compressed group, plus ``l1_lambda``, ``l1_steps``, ``prune_rounds``,
     ``retrain_steps``, ``quant_steps``, ``kmeans_iters``, ``allow_empty_layer``, ``bias_dtype``); ``lr`` sits beside it because
     the plan does not take it; ``params`` is every trial parameter after defaults (flat, for logging). Raises
     ``TrialConfigError``.
@@ -442,6 +476,7 @@ def resolve_trial_config(
             "bits": p[f"bits_{g}"],
             # Only when set: a layer-scaled plan is the same dict (and artifact header) as before the key existed.
             **({"scale": p[f"scale_{g}"]} if p[f"scale_{g}"] != SCALE_MODES[0] else {}),
+            **({"kmeans_rate": p[f"kmeans_rate_{g}"]} if p[f"kmeans_rate_{g}"] else {}),
         }
         for g in p["groups"].split(",")
     }

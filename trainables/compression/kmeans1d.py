@@ -43,15 +43,55 @@ def linear_init(values: np.ndarray, k: int) -> np.ndarray:
     return np.linspace(float(values.min()), float(values.max()), k, dtype=np.float64)
 
 
-def midpoint_boundaries(centroids: np.ndarray) -> np.ndarray:
-    """Float32 decision boundaries ``b`` such that, for every float32 ``x``, ``x <= b[j]`` exactly when ``x`` is at
-    most the float64 midpoint of centroids ``j`` and ``j + 1``. (Rounding the midpoint to float32 could move a value
-    across it; taking the float32 at or below it cannot.)"""
-    mid = (centroids[:-1] + centroids[1:]) / 2.0
-    down = mid.astype(np.float32)
-    above = down.astype(np.float64) > mid
+def float32_at_or_below(points: np.ndarray) -> np.ndarray:
+    """The largest float32 at or below each float64 point: for every float32 ``x``, ``x <= result[j]`` exactly when
+    ``x <= points[j]``. (Rounding the point to float32 could move a value across it; rounding down cannot.)"""
+    down = np.asarray(points, dtype=np.float64).astype(np.float32)
+    above = down.astype(np.float64) > points
     down[above] = np.nextafter(down[above], np.float32(-np.inf))
     return down
+
+
+def midpoint_boundaries(centroids: np.ndarray) -> np.ndarray:
+    """Float32 decision boundaries ``b`` such that, for every float32 ``x``, ``x <= b[j]`` exactly when ``x`` is at
+    most the float64 midpoint of centroids ``j`` and ``j + 1``."""
+    return float32_at_or_below((centroids[:-1] + centroids[1:]) / 2.0)
+
+
+def entropy_constrained_regions(
+    centroids: np.ndarray, code_bits: np.ndarray, weight: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Where each centroid wins ``argmin_j (x - c_j)^2 + weight * code_bits[j]`` (ties to the lower index, like
+    ``argmin``): ``(members, bounds)``, the winning centroids in ascending order and float32 boundaries between
+    consecutive ones (``x <= bounds[i]`` goes to ``members[i]``). A centroid with ``code_bits`` inf never wins.
+
+    Each cost is, up to the ``x^2`` every centroid shares, a line in ``x`` (slope ``-2 c_j``); the winners are the
+    lower envelope of those lines, found in one pass over the ascending centroids (the convex-hull trick)."""
+    c = np.asarray(centroids, dtype=np.float64)
+    slope = -2.0 * c
+    code_bits = np.asarray(code_bits, dtype=np.float64)
+    finite = np.isfinite(code_bits)
+    offset = c * c + np.where(finite, weight * np.where(finite, code_bits, 0.0), np.inf)
+    hull: list[int] = []
+    for j in np.flatnonzero(np.isfinite(offset)):
+        if hull and c[hull[-1]] == c[j]:
+            if offset[j] >= offset[hull[-1]]:
+                continue  # same line, not cheaper: the lower index keeps it
+            hull.pop()
+        while len(hull) >= 2:
+            a, b = hull[-2], hull[-1]
+            # b wins nowhere if j overtakes a no later than b does.
+            if (offset[j] - offset[a]) * (slope[a] - slope[b]) <= (offset[b] - offset[a]) * (
+                slope[a] - slope[j]
+            ):
+                hull.pop()
+            else:
+                break
+        hull.append(int(j))
+    members = np.array(hull, dtype=np.int64)
+    a, b = members[:-1], members[1:]
+    crossings = (offset[b] - offset[a]) / (slope[a] - slope[b])
+    return members, float32_at_or_below(crossings)
 
 
 def assign_1d(values: np.ndarray, centroids: np.ndarray, *, lookup_table: bool | None = None) -> np.ndarray:
@@ -142,11 +182,21 @@ def kmeans_1d(
     init: np.ndarray | None = None,
     iters: int = 30,
     return_indices: bool = True,
+    rate: float = 0.0,
 ) -> KMeans1DResult:
     """Lloyd's k-means on all of ``values`` (flattened, as float32) from ``init`` (default: ``linear_init`` with
     ``k`` centroids). Runs at most ``iters`` update steps and stops early once the assignment no longer changes. An
     empty cluster keeps its centroid (as in the usual Lloyd). Centroids stay ascending: each is the mean of an
-    interval between the previous midpoints."""
+    interval between the previous midpoints.
+
+    ``rate > 0``: then entropy-constrained k-means (Chou, Lookabaugh & Gray 1989), at most ``iters`` more steps
+    from Lloyd's result. Each value goes to the centroid that minimizes ``(x - c_j)^2 + rate * var(values) *
+    (-log2 p_j)``, ``p_j`` being the share of values in cluster ``j`` at the previous step, so the objective is
+    ``mse / var + rate * H`` with ``H`` the order-0 entropy of the indices in bits: ``rate`` is how much relative
+    squared error one bit per value is worth. Since the file entropy-codes the indices, a lower ``H`` is a smaller
+    file; clusters that stop paying for their bits empty out and stay empty (their centroid is then set to the
+    nearest live one below, else above, so the codebook stays ascending). ``indices`` are that assignment, not the
+    nearest centroid."""
     x = np.ascontiguousarray(values, dtype=np.float32).ravel()
     if init is None:
         if k is None:
@@ -159,6 +209,8 @@ def kmeans_1d(
         raise ValueError("init must be a non-empty ascending array of centroids")
     if iters < 0:
         raise ValueError(f"iters must be >= 0, got {iters}")
+    if not (np.isfinite(rate) and rate >= 0):
+        raise ValueError(f"rate must be a finite number >= 0, got {rate}")
     if x.size == 0:
         empty = np.zeros(0, dtype=np.int32) if return_indices else None
         return KMeans1DResult(c, empty, 0, True, 0.0)
@@ -166,25 +218,43 @@ def kmeans_1d(
     s = np.sort(x)
     prefix = _PrefixSums(s)
 
-    def split_points(cent: np.ndarray) -> np.ndarray:
-        # Cluster j holds s[ends[j-1]:ends[j]]: the values <= boundary j (side="right" keeps ties low).
+    def lloyd_split(cent: np.ndarray, _previous: np.ndarray | None) -> np.ndarray:
+        # Cluster j holds s[ends[j]:ends[j+1]]: the values <= boundary j (side="right" keeps ties low).
         inner = np.searchsorted(s, midpoint_boundaries(cent), side="right")
         return np.concatenate([[0], inner, [s.size]])
 
-    ends = split_points(c)
-    iterations, converged = 0, False
-    while iterations < iters:
+    def update(cent: np.ndarray, ends: np.ndarray) -> np.ndarray:
         sums = np.diff(prefix(ends))
         counts = np.diff(ends)
         nonempty = counts > 0
-        c = c.copy()
-        c[nonempty] = sums[nonempty] / counts[nonempty]
-        iterations += 1
-        new_ends = split_points(c)
-        if np.array_equal(new_ends, ends):
-            converged = True
-            break
-        ends = new_ends
+        cent = cent.copy()
+        cent[nonempty] = sums[nonempty] / counts[nonempty]
+        return cent
+
+    c, ends, iterations, converged = _iterate(c, lloyd_split, update, iters)
+    assign = None
+    if rate > 0 and iters > 0:
+        weight = rate * float(np.var(s, dtype=np.float64))
+        # The regions of the last split: the assignment of the ``ends`` the loop returns.
+        last: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+        def ec_split(cent: np.ndarray, cluster_ends: np.ndarray) -> np.ndarray:
+            with np.errstate(divide="ignore"):
+                code_bits = -np.log2(np.diff(cluster_ends) / s.size)
+            members, bounds = last["regions"] = entropy_constrained_regions(cent, code_bits, weight)
+            member_ends = np.concatenate([np.searchsorted(s, bounds, side="right"), [s.size]])
+            # A cluster that wins nowhere ends where the member before it does.
+            new_ends = np.zeros(cent.size + 1, dtype=np.int64)
+            new_ends[members + 1] = member_ends
+            return np.maximum.accumulate(new_ends)
+
+        c, ends, ec_iterations, converged = _iterate(c, ec_split, update, iters, start=ends)
+        iterations += ec_iterations
+        c = _fill_empty(c, np.diff(ends))
+        members, bounds = last["regions"]
+
+        def assign(chunk: np.ndarray) -> np.ndarray:
+            return members[np.searchsorted(bounds, chunk, side="left")].astype(np.int32)
 
     sq = 0.0
     for j in range(c.size):
@@ -193,8 +263,42 @@ def kmeans_1d(
             d = seg.astype(np.float64) - c[j]
             sq += float(np.dot(d, d))
     mse = sq / s.size
-    indices = assign_1d(x, c) if return_indices else None
+    indices = None
+    if return_indices:
+        indices = assign_1d(x, c) if assign is None else _assign_chunked(x, assign)
     return KMeans1DResult(c, indices, iterations, converged, mse)
+
+
+def _iterate(c, split, update, iters: int, start: np.ndarray | None = None):
+    """Alternate ``update`` (centroids from the clusters) and ``split`` (clusters from the centroids and the
+    previous clusters) at most ``iters`` times, stopping once the clusters no longer change: ``(centroids, ends,
+    steps, converged)``."""
+    ends = split(c, None) if start is None else start
+    iterations, converged = 0, False
+    while iterations < iters:
+        c = update(c, ends)
+        iterations += 1
+        new_ends = split(c, ends)
+        if np.array_equal(new_ends, ends):
+            return c, ends, iterations, True
+        ends = new_ends
+    return c, ends, iterations, converged
+
+
+def _fill_empty(c: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Each empty cluster's centroid set to the nearest non-empty one below it (else above): ascending again."""
+    live = np.flatnonzero(counts > 0)
+    if live.size == 0 or live.size == c.size:
+        return c
+    pick = live[np.clip(np.searchsorted(live, np.arange(c.size), side="right") - 1, 0, None)]
+    return c[pick]
+
+
+def _assign_chunked(x: np.ndarray, assign) -> np.ndarray:
+    out = np.empty(x.size, dtype=np.int32)
+    for start in range(0, x.size, _CHUNK):
+        out[start : start + _CHUNK] = assign(x[start : start + _CHUNK])
+    return out
 
 
 def quantization_mse(values: np.ndarray, codebook: np.ndarray, indices: np.ndarray) -> float:

@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from trainables.contract import BIAS_DTYPES, MAX_BITS, PRUNE_MODES, QUANT_MODES, SCALE_MODES
+from trainables.contract import BIAS_DTYPES, MAX_BITS, MAX_KMEANS_RATE, PRUNE_MODES, QUANT_MODES, SCALE_MODES
 
 
 class PlanError(ValueError):
@@ -71,6 +71,8 @@ class GroupPlan:
     ``quant``: ``"uniform"`` (2^bits linear levels), ``"kmeans"`` (2^bits trained shared values) or ``"none"``.
     ``scale``: ``"layer"`` (one codebook per layer) or ``"channel"`` (``kmeans`` only: the codebook is shared over
     each output channel divided by its own scale; `quantize.quantize_module`).
+    ``kmeans_rate``: 0 (Lloyd) or > 0 (``kmeans`` only: entropy-constrained k-means, which trades squared error
+    for index entropy at that rate; `kmeans1d.kmeans_1d`).
     """
 
     prune: str = "abs"
@@ -78,6 +80,7 @@ class GroupPlan:
     quant: str = "kmeans"
     bits: int = 8
     scale: str = "layer"
+    kmeans_rate: float = 0.0
 
     def __post_init__(self) -> None:
         self.check("GroupPlan")
@@ -94,6 +97,16 @@ class GroupPlan:
                 f"{source}: {prefix}scale = 'channel' with {prefix}quant = 'uniform' is not supported; "
                 "per-channel scales need quant 'kmeans' (or use scale 'layer' with 'uniform')"
             )
+        _check_number(source, f"{prefix}kmeans_rate", self.kmeans_rate)
+        if self.kmeans_rate > MAX_KMEANS_RATE:
+            raise _fail(
+                source, f"{prefix}kmeans_rate", self.kmeans_rate, f"it must be <= {MAX_KMEANS_RATE:g}"
+            )
+        if self.kmeans_rate > 0 and self.quant != "kmeans":
+            raise PlanError(
+                f"{source}: {prefix}kmeans_rate = {self.kmeans_rate!r} with {prefix}quant = {self.quant!r} is not "
+                "supported; an entropy-constrained codebook needs quant 'kmeans' (or use kmeans_rate 0)"
+            )
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], source: str = "plan", prefix: str = "") -> GroupPlan:
@@ -102,7 +115,7 @@ class GroupPlan:
                 source,
                 prefix.rstrip(".") or "group",
                 d,
-                "expected a mapping of prune/threshold/quant/bits/scale",
+                "expected a mapping of prune/threshold/quant/bits/scale/kmeans_rate",
             )
         _check_keys(source, prefix, d, [f.name for f in fields(cls)])
         plan = cls.__new__(cls)
@@ -110,6 +123,7 @@ class GroupPlan:
             setattr(plan, f.name, d.get(f.name, f.default))
         plan.check(source, prefix)
         plan.threshold = float(plan.threshold)
+        plan.kmeans_rate = float(plan.kmeans_rate)
         return plan
 
     def to_dict(self) -> dict[str, Any]:
@@ -122,6 +136,8 @@ class GroupPlan:
         # Only when set: a layer-scaled plan (and the artifact header that stores it) reads as before the key.
         if self.scale != SCALE_MODES[0]:
             out["scale"] = self.scale
+        if self.kmeans_rate:
+            out["kmeans_rate"] = float(self.kmeans_rate)
         return out
 
 

@@ -399,11 +399,23 @@ def channel_scales(w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_module(
-    module: nn.Module, mode: str, bits: int, *, kmeans_iters: int = 30, scale: str = "layer"
+    module: nn.Module,
+    mode: str,
+    bits: int,
+    *,
+    kmeans_iters: int = 30,
+    scale: str = "layer",
+    kmeans_rate: float = 0.0,
 ) -> dict[str, Any]:
     """Quantize ``module.weight`` in place (see the module docstring) and return ``{"mode", "bits", "kept", "mse",
-    "kmeans_iterations"}`` (``"scale": "channel"`` added for a channel-scaled layer); ``mse`` is over the kept
-    weights, against the weights before quantization.
+    "kmeans_iterations"}`` (``"scale": "channel"`` added for a channel-scaled layer, ``"kmeans_rate"`` and
+    ``"index_entropy_bits"`` -- the order-0 entropy of the kept weights' indices -- for an entropy-constrained
+    one); ``mse`` is over the kept weights, against the weights before quantization.
+
+    ``kmeans_rate`` > 0 (kmeans only): the codebook and indices are entropy-constrained k-means
+    (``kmeans1d.kmeans_1d(rate=...)``): each kept weight goes to the centroid that best trades its squared error
+    against the bits its index costs once the file entropy-codes the indices, so the file is smaller at the same
+    bits; the indices are fixed from then on, like Lloyd's.
 
     ``scale``: ``"layer"`` (one codebook for the raw weights) or ``"channel"`` (kmeans only: the codebook is fit to
     each output channel divided by `channel_scales`, which the effective weight multiplies back). The scales are
@@ -420,6 +432,8 @@ def quantize_module(
         raise ValueError(
             f"scale 'channel' needs mode 'kmeans' (uniform levels are not channel-scaled); got mode {mode!r}"
         )
+    if kmeans_rate and mode != "kmeans":
+        raise ValueError(f"kmeans_rate {kmeans_rate!r} needs mode 'kmeans'; got mode {mode!r}")
     if not (isinstance(bits, int) and 1 <= bits <= 16):
         raise ValueError(f"bits = {bits!r}: must be an integer in 1..16")
     if parametrize.is_parametrized(module, "weight"):
@@ -445,13 +459,13 @@ def quantize_module(
     k = 2**bits
     iterations = 0
     if mode == "kmeans":
-        res = kmeans_1d(kept.cpu().numpy(), k, iters=kmeans_iters)
+        res = kmeans_1d(kept.cpu().numpy(), k, iters=kmeans_iters, rate=kmeans_rate)
         iterations = res.iterations
         found = torch.from_numpy(res.indices)
         indices = found.view(w.shape).to(w.device) if dense else _scatter(found, mask)
         centroids = torch.from_numpy(res.centroids).to(torch.float32).to(w.device)
         param: nn.Module = KMeansWeight(indices, mask, bits, centroids, scales)
-        # The codebook is Lloyd's, the indices its nearest-centroid assignment: its error is Lloyd's (computed on
+        # The codebook is Lloyd's, the indices its assignment: its error is Lloyd's (computed on
         # the sorted values in float64; the float32 rounding of the centroids is far below it). Channel-scaled,
         # Lloyd's error is in the scaled values: measured on the weight below instead.
         mse = res.mse if scales is None else None
@@ -474,6 +488,11 @@ def quantize_module(
     }
     if scales is not None:
         row["scale"] = scale
+    if kmeans_rate:
+        counts = np.bincount(res.indices, minlength=k)
+        share = counts[counts > 0] / max(1, res.indices.size)
+        row["kmeans_rate"] = float(kmeans_rate)
+        row["index_entropy_bits"] = float(-(share * np.log2(share)).sum())
     return row
 
 

@@ -86,7 +86,14 @@ def quantize_and_finetune(
         gp = plan.groups[group]
         if gp.quant == "none":
             continue
-        row = quantize_module(module, gp.quant, gp.bits, kmeans_iters=plan.kmeans_iters, scale=gp.scale)
+        row = quantize_module(
+            module,
+            gp.quant,
+            gp.bits,
+            kmeans_iters=plan.kmeans_iters,
+            scale=gp.scale,
+            kmeans_rate=gp.kmeans_rate,
+        )
         layers.append({"group": group, "layer": name, **row})
     losses = _train(train_fn, model, plan.quant_steps, None)
     rounded = round_biases(model, plan, mine) if plan.bias_dtype == "float16" else []
