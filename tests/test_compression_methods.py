@@ -196,7 +196,9 @@ def test_entropy_constrained_kmeans_lowers_index_entropy_at_a_bounded_cost():
     np.testing.assert_array_equal(same.indices, lloyd.indices)
     np.testing.assert_array_equal(same.centroids, lloyd.centroids)
     last_h, last_mse = _index_entropy(lloyd.indices, 32), lloyd.mse
-    for rate in (0.02, 0.05, 0.1, 0.2):
+    # Rates in units of the largest squared value: var / max² turns "relative error per bit" into them.
+    per_var = float(np.var(x.astype(np.float64))) / float(np.abs(x).max()) ** 2
+    for rate in (0.02 * per_var, 0.05 * per_var, 0.1 * per_var, 0.2 * per_var):
         res = kmeans_1d(x, 32, rate=rate)
         h = _index_entropy(res.indices, 32)
         assert h < last_h and res.mse > last_mse, (rate, h, last_h, res.mse, last_mse)
@@ -206,7 +208,7 @@ def test_entropy_constrained_kmeans_lowers_index_entropy_at_a_bounded_cost():
     lloyd8 = kmeans_1d(x, 8, iters=200)
     h8 = _index_entropy(lloyd8.indices, 8)
     ec = min(
-        (kmeans_1d(x, 32, rate=r) for r in np.linspace(0.02, 0.2, 19)),
+        (kmeans_1d(x, 32, rate=r * per_var) for r in np.linspace(0.02, 0.2, 19)),
         key=lambda r: abs(_index_entropy(r.indices, 32) - h8),
     )
     assert _index_entropy(ec.indices, 32) <= h8 + 0.05
@@ -220,17 +222,17 @@ def test_entropy_constrained_objective_never_rises_and_reaches_a_fixed_point():
     assignment stops changing and rerunning from the result changes nothing."""
     rng = np.random.default_rng(5)
     x = rng.laplace(0, 1.0, 5000).astype(np.float32)
-    rate = 0.08
-    var = float(np.var(x.astype(np.float64)))
+    rate = 0.002
+    unit = float(np.abs(x).max()) ** 2
     # From converged Lloyd centroids, so ``iters`` only counts the entropy-constrained steps.
     lloyd = kmeans_1d(x, 16, iters=500)
     assert lloyd.converged
-    objective = [lloyd.mse / var + rate * _index_entropy(lloyd.indices, 16)]
+    objective = [lloyd.mse / unit + rate * _index_entropy(lloyd.indices, 16)]
     for iters in range(1, 12):
         res = kmeans_1d(x, init=lloyd.centroids, iters=iters, rate=rate)
-        objective.append(res.mse / var + rate * _index_entropy(res.indices, 16))
+        objective.append(res.mse / unit + rate * _index_entropy(res.indices, 16))
     assert all(b <= a + 1e-12 for a, b in zip(objective, objective[1:])), objective
-    assert objective[-1] < objective[0] - 0.01, objective  # the rate did move the assignment
+    assert objective[-1] < 0.9 * objective[0], objective  # the rate did move the assignment
     res = kmeans_1d(x, 16, iters=500, rate=rate)
     assert res.converged
 
@@ -762,3 +764,46 @@ def test_contract_and_search_space_take_the_kmeans_rate_per_group(tmp_path):
     )
     with pytest.raises(SearchSpaceError, match="kmeans_rate.*kmeans"):
         load_search_space(uniform)
+
+
+class _CentredToy(nn.Module):
+    """A conv and a NetVLAD-like ``centroids`` parameter that ships dense beside the quantized weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.conv = nn.Conv2d(2, 4, 3)
+        self.centroids = nn.Parameter(torch.randn(3, 4, generator=g))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x).mean(dim=(2, 3)) @ self.centroids.T
+
+
+def test_float16_centroids_are_rounded_after_training_and_ship_in_two_bytes_exactly(tmp_path):
+    from trainables.compression.architectures import register_architecture
+    from trainables.compression.codec import load_compressed, save_compressed
+
+    register_architecture("centred-toy", lambda config: _CentredToy())
+    x = torch.randn(8, 2, 5, 5, generator=torch.Generator().manual_seed(1))
+    y = torch.randn(8, 3, generator=torch.Generator().manual_seed(2))
+    payload = {}
+    for dtype in ("float32", "float16"):
+        model = _CentredToy()
+        plan = CompressionPlan.from_dict(
+            {"groups": {"conv": {"bits": 4}}, "quant_steps": 2, "centroids_dtype": dtype}
+        )
+        assert CompressionPlan.from_dict(plan.to_dict()) == plan
+        report = quantize_and_finetune(model, plan, {"conv": ["conv"]}, make_train_fn(x, y))
+        centres = model.centroids.detach()
+        assert torch.equal(centres.half().float(), centres) == (dtype == "float16")
+        assert report["float16_centroids"] == ([""] if dtype == "float16" else [])
+        path = tmp_path / f"{dtype}.safetensors"
+        size = save_compressed(model, plan, path, {"architecture": {"name": "centred-toy", "config": {}}})
+        rows = {r.name: r for r in size.layers}
+        assert rows["centroids"].encoding == ("raw F16" if dtype == "float16" else "raw F32")
+        with torch.no_grad():
+            assert torch.equal(load_compressed(path)(x), model(x))
+        payload[dtype] = size.totals["payload_bytes"]
+    assert payload["float16"] == payload["float32"] - 2 * 12
+    with pytest.raises(PlanError, match="centroids_dtype"):
+        CompressionPlan.from_dict({"centroids_dtype": "bfloat16"})

@@ -27,13 +27,14 @@ QUANT_MODES: tuple[str, ...] = ("uniform", "kmeans", "none")
 #: How a quantized layer's codebook is scaled (``GroupPlan.scale``): ``layer`` (one codebook for the raw weights)
 #: or ``channel`` (k-means only: one shared codebook over each output channel divided by its own scale, a float16 value).
 SCALE_MODES: tuple[str, ...] = ("layer", "channel")
-#: The dtype the biases of a quantized group's layers ship in (``CompressionPlan.bias_dtype``): ``float16`` rounds
-#: them once training is done, so the file stores them in half the bytes and decodes them exactly.
-BIAS_DTYPES: tuple[str, ...] = ("float32", "float16")
+#: The dtypes a float tensor that ships unquantized may be rounded to (``CompressionPlan.bias_dtype`` for the
+#: biases of a quantized group's layers, ``centroids_dtype`` for the NetVLAD cluster centres): ``float16`` rounds
+#: it once training is done, so the file stores it in half the bytes and decodes it exactly.
+DENSE_FLOAT_DTYPES: tuple[str, ...] = ("float32", "float16")
 #: Most bits per weight index (a codebook of 2^16 values).
 MAX_BITS = 16
-#: Largest entropy-constrained k-means rate (relative squared error per bit of index entropy): at 1 a bit is worth
-#: the whole variance, so nearly every weight lands on the centroid nearest the mean.
+#: Largest entropy-constrained k-means rate (squared error per bit of index entropy, in units of the largest
+#: squared weight): at 1 a bit is worth the whole range, so every weight lands on one centroid.
 MAX_KMEANS_RATE = 1.0
 
 # ------------------------------------------------------------------------------------------------- the stages
@@ -321,8 +322,8 @@ def _params() -> dict[str, ParamSpec]:
             float,
             0.0,
             "Entropy-constrained k-means: 0 is Lloyd (nearest centroid); r > 0 assigns each weight to the centroid "
-            "minimizing squared error + r·var·(bits of its index), so the entropy-coded indices shrink (the file "
-            "is smaller at the same bits); r is relative squared error per bit. kmeans only.",
+            "minimizing squared error + r·m²·(bits of its index), m the largest |value| fit (1 with channel "
+            "scales), so the entropy-coded indices shrink and the file is smaller at the same bits. kmeans only.",
             low=0.0,
             high=MAX_KMEANS_RATE,
         ),
@@ -344,7 +345,15 @@ def _params() -> dict[str, ParamSpec]:
             "float32",
             "The biases of the quantized groups' layers in the file: 'float32', or 'float16' (rounded after the "
             "quantize stage's training, stored in 2 bytes and decoded exactly; the mAP is the rounded model's).",
-            choices=BIAS_DTYPES,
+            choices=DENSE_FLOAT_DTYPES,
+        ),
+        ParamSpec(
+            "centroids_dtype",
+            str,
+            "float32",
+            "The NetVLAD cluster centres in the file: 'float32', or 'float16' (rounded after the quantize stage's "
+            "training, stored in 2 bytes and decoded exactly; the mAP is the rounded model's).",
+            choices=DENSE_FLOAT_DTYPES,
         ),
         ParamSpec(
             "l1_lambda", float, 0.0, "Weight λ of the L1 penalty λ·Σ|w| during the sparsify stage.", low=0.0
@@ -407,6 +416,7 @@ PLAN_KEYS: tuple[str, ...] = (
     "kmeans_iters",
     "allow_empty_layer",
     "bias_dtype",
+    "centroids_dtype",
 )
 
 
@@ -463,7 +473,7 @@ def resolve_trial_config(
     Returns ``{"plan": ..., "lr": float, "params": {...}}``: ``plan`` is exactly the dict form
     ``CompressionPlan.from_dict`` takes (``groups`` → ``{"prune", "threshold", "quant", "bits"}``, plus ``"scale"``
     when it is not ``"layer"`` and ``"kmeans_rate"`` when it is not 0, for each compressed group, plus ``l1_lambda``, ``l1_steps``, ``prune_rounds``,
-    ``retrain_steps``, ``quant_steps``, ``kmeans_iters``, ``allow_empty_layer``, ``bias_dtype``); ``lr`` sits beside it because
+    ``retrain_steps``, ``quant_steps``, ``kmeans_iters``, ``allow_empty_layer``, ``bias_dtype``, ``centroids_dtype``); ``lr`` sits beside it because
     the plan does not take it; ``params`` is every trial parameter after defaults (flat, for logging). Raises
     ``TrialConfigError``.
     """

@@ -190,10 +190,13 @@ def kmeans_1d(
     interval between the previous midpoints.
 
     ``rate > 0``: then entropy-constrained k-means (Chou, Lookabaugh & Gray 1989), at most ``iters`` more steps
-    from Lloyd's result. Each value goes to the centroid that minimizes ``(x - c_j)^2 + rate * var(values) *
-    (-log2 p_j)``, ``p_j`` being the share of values in cluster ``j`` at the previous step, so the objective is
-    ``mse / var + rate * H`` with ``H`` the order-0 entropy of the indices in bits: ``rate`` is how much relative
-    squared error one bit per value is worth. Since the file entropy-codes the indices, a lower ``H`` is a smaller
+    from Lloyd's result. Each value goes to the centroid that minimizes ``(x - c_j)^2 + rate * m^2 * (-log2
+    p_j)``, ``m`` being the largest ``|value|`` and ``p_j`` the share of values in cluster ``j`` at the previous
+    step, so the objective is ``mse / m^2 + rate * H`` with ``H`` the order-0 entropy of the indices in bits:
+    ``rate`` is how much squared error, in units of the largest squared value, one bit per value is worth. (The
+    largest value, not the variance, is the unit because a channel-scaled layer's values are each channel over
+    its max |w|: m = 1 in every such layer, so one rate means the same trade in all of them; on the embedded base
+    that gave the smaller file at the same validation mAP, benchmarks/RESULTS.md.) Since the file entropy-codes the indices, a lower ``H`` is a smaller
     file; clusters that stop paying for their bits empty out and stay empty (their centroid is then set to the
     nearest live one below, else above, so the codebook stays ascending). ``indices`` are that assignment, not the
     nearest centroid."""
@@ -234,7 +237,7 @@ def kmeans_1d(
     c, ends, iterations, converged = _iterate(c, lloyd_split, update, iters)
     assign = None
     if rate > 0 and iters > 0:
-        weight = rate * float(np.var(s, dtype=np.float64))
+        weight = rate * max(float(s[0]) ** 2, float(s[-1]) ** 2)
         # The regions of the last split: the assignment of the ``ends`` the loop returns.
         last: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 

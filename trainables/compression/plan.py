@@ -14,7 +14,14 @@ from typing import Any
 
 from torch import nn
 
-from trainables.contract import BIAS_DTYPES, MAX_BITS, MAX_KMEANS_RATE, PRUNE_MODES, QUANT_MODES, SCALE_MODES
+from trainables.contract import (
+    DENSE_FLOAT_DTYPES,
+    MAX_BITS,
+    MAX_KMEANS_RATE,
+    PRUNE_MODES,
+    QUANT_MODES,
+    SCALE_MODES,
+)
 
 
 class PlanError(ValueError):
@@ -152,7 +159,8 @@ class CompressionPlan:
     weights, masks and codebooks are then compressed but never retrained); by default every compressed layer is
     retrained, as in Deep Compression. ``bias_dtype``: ``float16`` rounds the biases of the quantized groups' layers
     to float16 values after the quantize stage's training (`schedule.quantize_and_finetune`), which the file then
-    stores in 2 bytes each (``float32``: left as they are).
+    stores in 2 bytes each (``float32``: left as they are). ``centroids_dtype``: the same for every module's
+    ``centroids`` parameter (the NetVLAD cluster centres; `schedule.round_centroids`).
     """
 
     groups: dict[str, GroupPlan] = field(default_factory=dict)
@@ -165,6 +173,7 @@ class CompressionPlan:
     allow_empty_layer: bool = False
     keep_frozen: bool = False
     bias_dtype: str = "float32"
+    centroids_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         self.check("CompressionPlan")
@@ -185,7 +194,8 @@ class CompressionPlan:
         _check_int(source, "retrain_steps", self.retrain_steps)
         _check_int(source, "quant_steps", self.quant_steps)
         _check_int(source, "kmeans_iters", self.kmeans_iters)
-        _check_choice(source, "bias_dtype", self.bias_dtype, BIAS_DTYPES)
+        _check_choice(source, "bias_dtype", self.bias_dtype, DENSE_FLOAT_DTYPES)
+        _check_choice(source, "centroids_dtype", self.centroids_dtype, DENSE_FLOAT_DTYPES)
         for flag in ("allow_empty_layer", "keep_frozen"):
             if not isinstance(getattr(self, flag), bool):
                 raise _fail(source, flag, getattr(self, flag), "expected true or false")
@@ -225,6 +235,7 @@ class CompressionPlan:
             "allow_empty_layer": bool(self.allow_empty_layer),
             "keep_frozen": bool(self.keep_frozen),
             "bias_dtype": str(self.bias_dtype),
+            "centroids_dtype": str(self.centroids_dtype),
         }
 
     def validate(self, available_groups: Iterable[str], source: str = "plan") -> CompressionPlan:

@@ -97,11 +97,13 @@ def quantize_and_finetune(
         layers.append({"group": group, "layer": name, **row})
     losses = _train(train_fn, model, plan.quant_steps, None)
     rounded = round_biases(model, plan, mine) if plan.bias_dtype == "float16" else []
+    centroids = round_centroids(model) if plan.centroids_dtype == "float16" else []
     return {
         "layers": layers,
         "losses": losses,
         "sparsity": sparsity_report(model, mine),
         "float16_biases": rounded,
+        "float16_centroids": centroids,
     }
 
 
@@ -116,16 +118,34 @@ def round_biases(model: nn.Module, plan: CompressionPlan, groups: Mapping[str, I
     with torch.no_grad():
         for group, name, module in group_layers(model, groups):
             bias = getattr(module, "bias", None)
-            if (
-                plan.groups[group].quant == "none"
-                or not isinstance(bias, torch.Tensor)
-                or not bias.is_floating_point()
-                or bool((bias.abs() > _FLOAT16_MAX).any())  # would become inf: left at full precision
-            ):
+            if plan.groups[group].quant == "none" or not _roundable(bias):
                 continue
             bias.copy_(bias.to(torch.float16).to(bias.dtype))
             rounded.append(name)
     return rounded
+
+
+def round_centroids(model: nn.Module) -> list[str]:
+    """Round every module's float ``centroids`` parameter (the NetVLAD layer's cluster centres, which ship dense)
+    to float16 values, as `round_biases` does for biases; returns the modules rounded."""
+    rounded = []
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            centres = getattr(module, "centroids", None)
+            if not _roundable(centres):
+                continue
+            centres.copy_(centres.to(torch.float16).to(centres.dtype))
+            rounded.append(name)
+    return rounded
+
+
+def _roundable(value: object) -> bool:
+    """A float tensor whose every value fits in float16 (a larger one would become inf: left as it is)."""
+    return (
+        isinstance(value, torch.Tensor)
+        and value.is_floating_point()
+        and not bool((value.abs() > _FLOAT16_MAX).any())
+    )
 
 
 def compress_model(
