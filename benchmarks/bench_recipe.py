@@ -63,6 +63,10 @@ POINTS: dict[str, dict[str, Any]] = {
     "3/4 bits": {"bits_conv": 3, "bits_depthwise": 4, "threshold_conv": 0.0, "l1_lambda": RECIPE_L1_LAMBDA},
     "2/4 bits": {"bits_conv": 2, "bits_depthwise": 4, "threshold_conv": 0.1, "l1_lambda": RECIPE_L1_LAMBDA},
     "1/3 bits": {"bits_conv": 1, "bits_depthwise": 3, "threshold_conv": 0.2, "l1_lambda": RECIPE_L1_LAMBDA},
+    # Entropy-constrained k-means of the conv group at 32 centroids (smoke.yaml's axis since it shipped): about
+    # 10x and 12x smaller, with smoke.yaml's fixed values (no conv mask, float16 NetVLAD centres).
+    "rate 0.004": {"kmeans_rate_conv": 0.004, "bits_depthwise": 4, "l1_lambda": RECIPE_L1_LAMBDA},
+    "rate 0.01": {"kmeans_rate_conv": 0.01, "bits_depthwise": 4, "l1_lambda": RECIPE_L1_LAMBDA},
 }
 
 
