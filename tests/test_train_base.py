@@ -264,8 +264,13 @@ def test_quantize_stage_moves_centroids_and_lowers_the_loss_under_the_shipped_se
     from trainables.compression.schedule import quantize_and_finetune
     from trainables.contract import resolve_trial_config
 
-    fixed = dict(load_search_space("smoke.yaml").fixed)
-    settings = resolve_trial_config({**fixed, "bits": 3, "prune_mode": "none"})
+    space = load_search_space("smoke.yaml")
+    fixed = dict(space.fixed)
+    # The middle of the searched entropy-constrained rate: its indices are fixed like Lloyd's, its codebook trains.
+    rate = space.params["kmeans_rate_conv"]
+    settings = resolve_trial_config(
+        {**fixed, "bits": 3, "prune_mode": "none", "kmeans_rate_conv": (rate.low + rate.high) / 2}
+    )
     plan = CompressionPlan.from_dict(settings["plan"])
     model = small_model(train_split)
     groups = {g: n for g, n in model.compression_groups().items() if g in plan.groups}
