@@ -750,20 +750,18 @@ def test_contract_and_search_space_take_the_kmeans_rate_per_group(tmp_path):
         resolve_trial_config({"kmeans_rate_conv": 0.1, "quant_mode": "uniform"})
     with pytest.raises(PlanError, match=r"groups\.conv\.kmeans_rate = 1\.5.*<= 1"):
         CompressionPlan.from_dict({"groups": {"conv": {"kmeans_rate": 1.5}}})
-    unused = tmp_path / "n.yaml"
-    unused.write_text(
-        "description: x\nsampler: {type: random, seed: 0}\nparams:\n  kmeans_rate_conv: {float: [0.0, 0.2]}\n"
-        "fixed:\n  quant_mode: none\n"
-    )
-    with pytest.raises(SearchSpaceError, match="kmeans_rate_conv.*no effect"):
-        load_search_space(unused)
-    uniform = tmp_path / "u.yaml"
-    uniform.write_text(
-        "description: x\nsampler: {type: random, seed: 0}\nparams:\n  kmeans_rate: {float: [0.0, 0.2]}\n"
-        "fixed:\n  quant_mode: uniform\n"
-    )
-    with pytest.raises(SearchSpaceError, match="kmeans_rate.*kmeans"):
-        load_search_space(uniform)
+    # A searched rate that cannot matter (quant_mode none), and one uniform levels cannot take.
+    for searched, quant, needle in (
+        ("kmeans_rate_conv", "none", "kmeans_rate_conv.*no effect"),
+        ("kmeans_rate", "uniform", "kmeans_rate.*kmeans"),
+    ):
+        space = tmp_path / f"{quant}.yaml"
+        space.write_text(
+            f"description: x\nsampler: {{type: random, seed: 0}}\nparams:\n  {searched}: {{float: [0.0, 0.2]}}\n"
+            f"fixed:\n  quant_mode: {quant}\n"
+        )
+        with pytest.raises(SearchSpaceError, match=needle):
+            load_search_space(space)
 
 
 class _CentredToy(nn.Module):
