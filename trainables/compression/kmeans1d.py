@@ -195,10 +195,10 @@ def kmeans_1d(
     step, so the objective is ``mse / m^2 + rate * H`` with ``H`` the order-0 entropy of the indices in bits:
     ``rate`` is how much squared error, in units of the largest squared value, one bit per value is worth. (The
     largest value, not the variance, is the unit because a channel-scaled layer's values are each channel over
-    its max |w|: m = 1 in every such layer, so one rate means the same trade in all of them.) Since the file entropy-codes the indices, a lower ``H`` is a smaller
-    file; clusters that stop paying for their bits empty out and stay empty (their centroid is then set to the
-    nearest live one below, else above, so the codebook stays ascending). ``indices`` are that assignment, not the
-    nearest centroid."""
+    its max |w|: m = 1 in every such layer, so one rate means the same trade in all of them.) Since the file
+    entropy-codes the indices, a lower ``H`` is a smaller file; clusters that stop paying for their bits empty out
+    and stay empty (their centroid is then set to the nearest live one below, else above, so the codebook stays
+    ascending). ``indices`` are that assignment, not the nearest centroid."""
     x = np.ascontiguousarray(values, dtype=np.float32).ravel()
     if init is None:
         if k is None:

@@ -38,6 +38,7 @@ from torch import nn
 from torch.nn.utils import prune as torch_prune
 
 from trainables.compression.kmeans1d import kmeans_1d
+from trainables.compression.streams import entropy_bits
 from trainables.contract import SCALE_MODES
 
 QUANT_MODES = ("uniform", "kmeans")
@@ -489,10 +490,10 @@ def quantize_module(
     if scales is not None:
         row["scale"] = scale
     if kmeans_rate:
-        counts = np.bincount(res.indices, minlength=k)
-        share = counts[counts > 0] / max(1, res.indices.size)
         row["kmeans_rate"] = float(kmeans_rate)
-        row["index_entropy_bits"] = float(-(share * np.log2(share)).sum())
+        row["index_entropy_bits"] = entropy_bits(np.bincount(res.indices, minlength=k)) / max(
+            1, res.indices.size
+        )
     return row
 
 

@@ -117,35 +117,33 @@ def round_biases(model: nn.Module, plan: CompressionPlan, groups: Mapping[str, I
     rounded = []
     with torch.no_grad():
         for group, name, module in group_layers(model, groups):
-            bias = getattr(module, "bias", None)
-            if plan.groups[group].quant == "none" or not _roundable(bias):
-                continue
-            bias.copy_(bias.to(torch.float16).to(bias.dtype))
-            rounded.append(name)
+            if plan.groups[group].quant != "none" and _round_to_float16(getattr(module, "bias", None)):
+                rounded.append(name)
     return rounded
 
 
 def round_centroids(model: nn.Module) -> list[str]:
     """Round every module's float ``centroids`` parameter (the NetVLAD layer's cluster centres, which ship dense)
     to float16 values, as `round_biases` does for biases; returns the modules rounded."""
-    rounded = []
     with torch.no_grad():
-        for name, module in model.named_modules():
-            centres = getattr(module, "centroids", None)
-            if not _roundable(centres):
-                continue
-            centres.copy_(centres.to(torch.float16).to(centres.dtype))
-            rounded.append(name)
-    return rounded
+        return [
+            name
+            for name, module in model.named_modules()
+            if _round_to_float16(getattr(module, "centroids", None))
+        ]
 
 
-def _roundable(value: object) -> bool:
-    """A float tensor whose every value fits in float16 (a larger one would become inf: left as it is)."""
-    return (
-        isinstance(value, torch.Tensor)
-        and value.is_floating_point()
-        and not bool((value.abs() > _FLOAT16_MAX).any())
-    )
+def _round_to_float16(value: object) -> bool:
+    """Round ``value`` in place to float16 values when it is a float tensor whose every value fits in float16 (a
+    larger one would become inf: left as it is); whether it was rounded. Call under ``torch.no_grad()``."""
+    if (
+        not isinstance(value, torch.Tensor)
+        or not value.is_floating_point()
+        or bool((value.abs() > _FLOAT16_MAX).any())
+    ):
+        return False
+    value.copy_(value.to(torch.float16).to(value.dtype))
+    return True
 
 
 def compress_model(
